@@ -1,0 +1,43 @@
+"""Model shape and engine settings (plain data)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder shape, read from a HF config.json or GGUF metadata."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # HF form, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False              # Qwen2 has q/k/v biases
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"              # dtype the checkpoint was stored in
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model: device, KV cache size, batching limits."""
+    device: str = "cpu"
+    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 on CPU
+    block_size: int = 16
+    num_kv_blocks: int | None = None    # None: size from kv_cache_memory_gb (CPU) or gpu_memory_utilization
+    kv_cache_memory_gb: float = 1.0     # CPU KV budget when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 64              # running requests per step
+    max_num_batched_tokens: int = 512   # token budget per step (decodes + prefill chunks)
+    max_model_len: int | None = None    # None: the model's context length
+    enable_prefix_caching: bool = True
+    max_waiting: int = 1024             # admission bound; add_request beyond it raises QueueFullError
+    use_cuda_graphs: bool = True
+    seed: int = 0                       # engine seed: draws per-request seeds for unseeded requests
