@@ -1,0 +1,159 @@
+"""One engine step: schedule, run, post-process.
+
+EngineCore joins the scheduler (which request runs, in which blocks) to a runner (who executes a
+StepPlan) and turns sampled tokens into RequestOutputs: incremental text, stop conditions,
+finish reasons and timings. The in-process Engine gives it a local ModelRunner; the batcher
+service gives it the worker's `Worker/Step` stream and drives `schedule()`/`process()` itself.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from batcher.request import Request, RequestStatus
+from batcher.scheduler import QueueFullError, Scheduler, SchedulerStats  # noqa: F401 (re-export)
+from kv_manager.events import KvEvent
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.errors import InvalidRequestError
+from workers.engine.plan import StepPlan, StepResult
+from workers.engine.sampling_params import SamplingParams
+
+
+class StepRunner(Protocol):
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None            # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    logprobs: list[float] | None = None
+    queue_ms: float = 0.0                # set on the finishing output
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass
+class EngineStats(SchedulerStats):
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    steps_total: int = 0
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: StepRunner | None, tokenizer, *,
+                 eos_token_ids: list[int] | None = None, seed: int = 0):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
+        self._rng = random.Random(seed)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps_total = 0
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                    *, priority: int = 0, adapter_id: str | None = None) -> None:
+        """Validate and queue; raises InvalidRequestError or QueueFullError, queueing nothing."""
+        sampling.validate()
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        max_len = self.scheduler.max_model_len
+        if len(prompt_token_ids) >= max_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(prompt_token_ids)} tokens leaves no room to generate within the "
+                f"context of {max_len} tokens; shorten it to at most {max_len - 1}")
+        seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                      sampling=sampling, seed=seed, priority=priority, adapter_id=adapter_id)
+        self.scheduler.add(req)  # may raise QueueFullError before anything is kept
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                                         stop=list(sampling.stop))
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.abort(request_id)
+        self._detok.pop(request_id, None)
+        return req is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def set_kv_event_callback(self, cb: Callable[[KvEvent], None] | None) -> None:
+        self.scheduler.allocator.on_event = cb
+
+    # ---- the step --------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        return self.scheduler.schedule()
+
+    def process(self, result: StepResult) -> list[RequestOutput]:
+        self.steps_total += 1
+        sampled = self.scheduler.update(result.request_ids, result.token_ids, result.logprobs)
+        now = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        for req, tok in sampled:
+            if req.times.first_token is None:
+                req.times.first_token = now
+            self.generation_tokens_total += 1
+            detok = self._detok[req.request_id]
+            text, stop_hit = detok.add_tokens([tok])
+            status = self._finish_status(req, tok, stop_hit)
+            if status is not None:
+                if not stop_hit:
+                    text += detok.flush()
+                req.times.finished = now
+                self.scheduler.finish(req, status)
+                del self._detok[req.request_id]
+            outputs.append(self._output(req, tok, text, status))
+        return outputs
+
+    def step(self) -> list[RequestOutput]:
+        assert self.runner is not None, "step() needs an in-process runner"
+        plan = self.schedule()
+        if plan.is_empty and not plan.finished_ids:
+            return []
+        return self.process(self.runner.execute(plan))
+
+    def _finish_status(self, req: Request, tok: int, stop_hit: bool) -> RequestStatus | None:
+        sp = req.sampling
+        if stop_hit:
+            return RequestStatus.FINISHED_STOPPED
+        if not sp.ignore_eos and tok in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if tok in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.scheduler.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _output(req: Request, tok: int, text: str, status: RequestStatus | None) -> RequestOutput:
+        out = RequestOutput(
+            request_id=req.request_id, new_token_ids=[tok], new_text=text,
+            finished=status is not None, finish_reason=status.value if status else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+            logprobs=[req.logprobs[-1]] if req.sampling.logprobs and req.logprobs else None)
+        if status is not None:
+            out.queue_ms = req.times.queue_ms()
+            out.prefill_ms = req.times.prefill_ms()
+            out.decode_ms = req.times.decode_ms()
+        return out
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(**vars(s), prompt_tokens_total=self.prompt_tokens_total,
+                           generation_tokens_total=self.generation_tokens_total,
+                           steps_total=self.steps_total)

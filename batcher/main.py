@@ -1,0 +1,49 @@
+"""Batcher process: `python -m batcher.main --worker-id w0 --worker-addr HOST:PORT --nats URL`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from services.config import load_config
+
+
+async def serve(args) -> None:
+    import nats
+
+    from batcher.service import BatcherService
+
+    cfg = load_config(args.config)
+    nc = await nats.connect(args.nats or cfg.nats_url, name=f"batcher-{args.worker_id}",
+                            max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    svc = BatcherService(cfg, args.worker_id, args.worker_addr, nc)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    start = asyncio.create_task(svc.start(ready_timeout=cfg.startup_timeout_s))
+    done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()  # raise if the worker never came up
+        await stop.wait()
+        await svc.drain(cfg.drain_grace_s)
+    else:
+        start.cancel()
+    await svc.stop()
+    await nc.drain()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Switchyard batcher (drives one worker)")
+    ap.add_argument("--worker-id", required=True)
+    ap.add_argument("--worker-addr", required=True)
+    ap.add_argument("--nats", default=None)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s batcher %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

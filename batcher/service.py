@@ -1,0 +1,325 @@
+"""The batcher: one per worker. NATS in (requests, cancels), Worker/Step out, NATS out (tokens).
+
+Loop, per engine step:  plan = core.schedule(); result = await worker.execute(plan);
+outputs = core.process(result); one TokenChunk per request; one KvEventBatch for the step.
+Requests are admitted (or rejected) in the NATS callback the moment they arrive, so a full queue
+is answered at once. Cancels are applied between steps, never while a plan is on the wire.
+When there is no work the loop sleeps on an event (no polling).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import nats
+
+from batcher.engine_core import EngineCore, RequestOutput
+from batcher.scheduler import QueueFullError, Scheduler
+from kv_manager.block_allocator import BlockAllocator
+from kv_manager.events import CLEARED, KvEvent
+from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
+from services import rpc, subjects
+from services.bus_codec import FINISH_TO_PB, kv_events_to_proto
+from services.config import StackConfig
+from workers.engine.errors import InvalidRequestError
+from workers.engine.plan import StepPlan, StepResult
+from workers.step_codec import plan_to_proto, result_from_proto, sampling_from_proto
+
+log = logging.getLogger("switchyard.batcher")
+
+
+class WorkerLostError(RuntimeError):
+    """The Step stream broke: the worker died or restarted."""
+
+
+class RemoteRunner:
+    def __init__(self, channel: grpc.aio.Channel):
+        self._stub = worker_pb2_grpc.WorkerStub(channel)
+        self._call = None
+
+    async def info(self, timeout: float = 2.0) -> worker_pb2.WorkerInfo:
+        return await self._stub.Health(worker_pb2.HealthRequest(), timeout=timeout)
+
+    def open(self) -> None:
+        # No request iterator: write()/read() on the call, one plan out and one result in per step.
+        self._call = self._stub.Step()
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        call = self._call
+        if call is None:
+            raise WorkerLostError("no Step stream open")
+        try:
+            await call.write(plan_to_proto(plan))
+            pb = await call.read()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            self._call = None
+            raise WorkerLostError(f"worker Step stream failed: {e}") from e
+        if pb is grpc.aio.EOF:
+            self._call = None
+            raise WorkerLostError("worker closed the Step stream")
+        return result_from_proto(pb)
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class BatcherService:
+    def __init__(self, cfg: StackConfig, worker_id: str, worker_addr: str, nc: nats.NATS, tokenizer_loader=None):
+        self.cfg = cfg
+        self.worker_id = subjects.check_token(worker_id, "worker id")
+        self.worker_addr = worker_addr
+        self.nc = nc
+        self._load_tokenizer = tokenizer_loader
+        self._channel = rpc.channel(worker_addr, cfg.max_message_bytes)
+        self.remote = RemoteRunner(self._channel)
+        self.core: EngineCore | None = None
+        self.model = ""
+        self.info = None
+        self.healthy = False
+        self.draining = False
+        self._reply: dict[str, str] = {}          # request id -> reply subject
+        self._aborts: list[str] = []
+        self._kv_events: list[KvEvent] = []
+        self._kv_seq = 0
+        self._hb_seq = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._subs = []
+        self._tokenizer = None
+
+    # ---- start / stop ----------------------------------------------------------------------
+    async def start(self, ready_timeout: float = 300.0) -> None:
+        await self._connect_worker(ready_timeout)
+        self._subs.append(await self.nc.subscribe(subjects.request(self.worker_id), cb=self._on_request))
+        self._subs.append(await self.nc.subscribe(subjects.ALL_CANCELS, cb=self._on_cancel))
+        self._tasks = [asyncio.create_task(self._run(), name="batcher-loop"),
+                       asyncio.create_task(self._heartbeat_loop(), name="batcher-heartbeat")]
+        await self._publish_heartbeat()
+
+    async def _connect_worker(self, timeout: float) -> None:
+        """Wait for the worker to be ready, then size the allocator from its KV cache and open Step."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = await self.remote.info(timeout=2.0)
+                if info.ready:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.worker_id} at {self.worker_addr} not ready after {timeout:.0f}s")
+            await asyncio.sleep(0.2)
+        self.info = info
+        if self._tokenizer is None or info.model != self.model:
+            loader = self._load_tokenizer
+            if loader is None:
+                from services.tokenizers import load_tokenizer as loader
+            self._tokenizer = await asyncio.get_running_loop().run_in_executor(None, loader, info.model)
+        self.model = info.model
+        cfg = self.cfg
+        allocator = BlockAllocator(info.num_blocks, info.block_size,
+                                   enable_prefix_caching=cfg.enable_prefix_caching)
+        scheduler = Scheduler(allocator, max_num_seqs=cfg.max_num_seqs,
+                              max_num_batched_tokens=cfg.max_num_batched_tokens,
+                              max_model_len=info.max_model_len, max_waiting=cfg.max_waiting)
+        self.core = EngineCore(scheduler, None, self._tokenizer)
+        self.core.set_kv_event_callback(self._kv_events.append)
+        # A fresh allocator: whatever the index believed about this worker is gone.
+        self._kv_events.append(KvEvent(CLEARED, [], block_size=info.block_size))
+        self.remote.open()
+        self.healthy = True
+
+    async def drain(self, grace: float) -> None:
+        """Stop admitting, let running requests finish (up to grace seconds), abort the rest."""
+        self.draining = True
+        await self._publish_heartbeat()
+        deadline = time.monotonic() + grace
+        while self._reply and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self._reply):
+            self._aborts.append(rid)
+        self._wake.set()
+        await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.remote.close()
+        await self._channel.close()
+
+    # ---- NATS callbacks ----------------------------------------------------------------------
+    async def _on_request(self, msg) -> None:
+        req = bus_pb2.BatchRequest.FromString(msg.data)
+        reply = req.reply_subject or subjects.tokens(req.request_id)
+        if not self.healthy or self.draining or self.core is None:
+            why = "draining" if self.draining else "its worker is not available"
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
+                               f"worker {self.worker_id} is {why}; retry")
+            return
+        if req.deadline_unix_ms and req.deadline_unix_ms <= time.time() * 1000:
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "deadline already passed")
+            return
+        try:
+            self.core.add_request(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
+                                  priority=req.priority, adapter_id=req.adapter_id or None)
+        except QueueFullError as e:
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_QUEUE_FULL, str(e),
+                               retry_after_ms=e.retry_after_ms)
+            return
+        except InvalidRequestError as e:
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_INVALID, str(e), field=e.field)
+            return
+        self._reply[req.request_id] = reply
+        self._wake.set()
+
+    async def _on_cancel(self, msg) -> None:
+        rid = subjects.last_token(msg.subject)
+        if rid in self._reply:  # every batcher hears every cancel; only the owner acts
+            self._aborts.append(rid)
+            self._wake.set()
+
+    async def _reject(self, reply: str, rid: str, error: int, message: str, *, retry_after_ms: int = 0,
+                      field: str = "") -> None:
+        chunk = bus_pb2.TokenChunk(request_id=rid, error=error, error_message=message,
+                                   retry_after_ms=retry_after_ms, error_field=field)
+        await self.nc.publish(reply, chunk.SerializeToString())
+
+    # ---- the step loop -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            core = self.core
+            if core is None or not self.healthy:
+                await self._reconnect()
+                continue
+            self._apply_aborts()
+            if not core.has_unfinished():
+                await self._flush_kv_events()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = core.schedule()
+            if plan.is_empty and not plan.finished_ids:
+                # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                result = await self.remote.execute(plan)
+            except WorkerLostError as e:
+                await self._on_worker_lost(str(e))
+                continue
+            outputs = core.process(result)
+            if outputs:
+                await self._publish_outputs(outputs)
+            await self._flush_kv_events()
+
+    def _apply_aborts(self) -> None:
+        if not self._aborts or self.core is None:
+            return
+        aborts, self._aborts = self._aborts, []
+        for rid in aborts:
+            if self._reply.pop(rid, None) is not None:
+                self.core.abort(rid)
+
+    async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
+        publish = self.nc.publish
+        reply = self._reply
+        for o in outputs:
+            subject = reply.get(o.request_id)
+            if subject is None:
+                continue
+            chunk = bus_pb2.TokenChunk(request_id=o.request_id, token_ids=o.new_token_ids, text=o.new_text)
+            if o.logprobs:
+                chunk.logprobs.extend(o.logprobs)
+            if o.finished:
+                del reply[o.request_id]
+                chunk.finish_reason = FINISH_TO_PB.get(o.finish_reason, 0)
+                u = chunk.usage
+                u.prompt_tokens = o.num_prompt_tokens
+                u.completion_tokens = o.num_output_tokens
+                u.cached_tokens = o.num_cached_tokens
+                u.queue_ms = o.queue_ms
+                u.prefill_ms = o.prefill_ms
+                u.decode_ms = o.decode_ms
+                u.worker_id = self.worker_id
+            await publish(subject, chunk.SerializeToString())
+
+    async def _flush_kv_events(self) -> None:
+        if not self._kv_events:
+            return
+        events, self._kv_events = self._kv_events, []
+        self._kv_seq += 1
+        batch = kv_events_to_proto(self.worker_id, self._kv_seq, events)
+        await self.nc.publish(subjects.kv_events(self.worker_id), batch.SerializeToString())
+
+    async def _on_worker_lost(self, why: str) -> None:
+        """Fail every in-flight request with UNAVAILABLE at once; then try to reconnect."""
+        log.error("worker %s lost: %s", self.worker_id, why)
+        self.healthy = False
+        self.core = None
+        await self._publish_heartbeat()
+        for rid, reply in list(self._reply.items()):
+            await self._reject(reply, rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
+                               f"worker {self.worker_id} failed mid-request ({why}); retry")
+        self._reply.clear()
+        self._aborts.clear()
+        self._kv_events = [KvEvent(CLEARED, [], block_size=self.info.block_size if self.info else 0)]
+        await self._flush_kv_events()
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connect_worker(timeout=1.0)
+            log.warning("worker %s reconnected", self.worker_id)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            await asyncio.sleep(1.0)
+
+    # ---- heartbeat ---------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+            try:
+                await self._publish_heartbeat()
+            except Exception:  # NATS reconnecting: the next beat will do
+                log.debug("heartbeat failed", exc_info=True)
+
+    def heartbeat(self) -> bus_pb2.Heartbeat:
+        self._hb_seq += 1
+        hb = bus_pb2.Heartbeat(worker_id=self.worker_id, model=self.model, healthy=self.healthy,
+                               draining=self.draining, seq=self._hb_seq,
+                               interval_ms=int(self.cfg.heartbeat_interval_s * 1000))
+        if self.info is not None:
+            hb.block_size = self.info.block_size
+            hb.max_model_len = self.info.max_model_len
+            hb.num_blocks = self.info.num_blocks
+        if self.core is not None:
+            s = self.core.stats()
+            hb.num_running = s.num_running
+            hb.num_waiting = s.num_waiting
+            hb.kv_usage = s.kv_usage
+            hb.num_free_blocks = s.num_free_blocks
+            hb.num_blocks = s.num_blocks
+            hb.prefix_cache_hit_rate = s.prefix_cache_hit_rate
+            hb.num_preemptions = s.num_preemptions
+            hb.prompt_tokens_total = s.prompt_tokens_total
+            hb.generation_tokens_total = s.generation_tokens_total
+        return hb
+
+    async def _publish_heartbeat(self) -> None:
+        await self.nc.publish(subjects.heartbeat(self.worker_id), self.heartbeat().SerializeToString())

@@ -1,0 +1,151 @@
+"""The worker side of a step: owns the KV tensors, mirrors running requests, executes StepPlans.
+
+Per step: forget finished ids, register new requests, lay the scheduled tokens out as one flat
+batch (prefill chunks first, then one token per decoding request), run one forward, and sample
+one token for every request whose chunk reached its last known token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.attention import build_attention_metadata
+from workers.engine.config import EngineConfig
+from workers.engine.plan import StepPlan, StepResult
+from workers.engine.sampler import Sampler, SamplingTensors
+from workers.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class _SeqState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: list[int]
+    num_computed: int
+    sampling: SamplingParams
+    seed: int
+
+
+def resolve_dtype(config: EngineConfig) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[config.dtype]
+
+
+class ModelRunner:
+    def __init__(self, loaded, config: EngineConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.model_config = mc = loaded.config
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = config.block_size
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        ctx = config.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(ctx, self.num_blocks * self.block_size)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(mc.num_hidden_layers)]
+        self.sampler = Sampler()
+        self.seqs: dict[str, _SeqState] = {}
+
+    # ---- sizing ----------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+
+    def _blocks_from_memory(self) -> int:
+        per_block = self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave (1 - utilization) of the card, plus headroom for activations and graphs.
+            budget = free - total * (1.0 - self.config.gpu_memory_utilization) - 1.5 * 2**30
+        else:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        n = int(budget // per_block)
+        if n < 2:
+            raise MemoryError(f"no room for a KV cache: {budget / 2**30:.2f} GiB available, "
+                              f"{per_block / 2**20:.1f} MiB per block")
+        return n
+
+    # ---- the step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        for rid in plan.finished_ids:
+            self.seqs.pop(rid, None)
+        work: list[tuple[str, _SeqState, int]] = []
+        for nr in plan.new_requests:
+            st = _SeqState(list(nr.token_ids), nr.num_prompt_tokens, list(nr.block_ids),
+                           nr.num_computed_tokens, nr.sampling, nr.seed)
+            self.seqs[nr.request_id] = st
+            work.append((nr.request_id, st, nr.num_new_tokens))
+        for rr in plan.running:
+            st = self.seqs[rr.request_id]
+            if rr.new_block_ids:
+                st.block_table.extend(rr.new_block_ids)
+            work.append((rr.request_id, st, rr.num_new_tokens))
+        if not work:
+            return StepResult(step_id=plan.step_id, execute_ms=1000 * (time.perf_counter() - t0))
+
+        # Prefill segments first, then single-token (decode) segments: the attention layout.
+        work.sort(key=lambda w: w[2] == 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        prefills, decodes = [], []
+        sample_rows: list[int] = []
+        sample_seqs: list[tuple[str, _SeqState]] = []
+        for rid, st, n in work:
+            c = st.num_computed
+            input_ids.extend(st.token_ids[c:c + n])
+            positions.extend(range(c, c + n))
+            if n == 1:
+                decodes.append((c + 1, st.block_table))
+            else:
+                prefills.append((n, c + n, st.block_table))
+            if c + n == len(st.token_ids):
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append((rid, st))
+            st.num_computed = c + n
+
+        dev = self.device
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        meta = build_attention_metadata(prefills, decodes, self.block_size, dev,
+                                        max_blocks_per_seq=self.max_blocks_per_seq)
+        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+        result = StepResult(step_id=plan.step_id)
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+            tensors = self._sampling_tensors(sample_seqs)
+            out = self.sampler(logits, tensors)
+            toks = out.token_ids.tolist()
+            for (rid, st), tok in zip(sample_seqs, toks):
+                st.token_ids.append(tok)
+            result.request_ids = [rid for rid, _ in sample_seqs]
+            result.token_ids = toks
+            if out.logprobs is not None:
+                result.logprobs = out.logprobs.tolist()
+        result.execute_ms = 1000 * (time.perf_counter() - t0)
+        return result
+
+    def _sampling_tensors(self, seqs: list[tuple[str, _SeqState]]) -> SamplingTensors:
+        params = [st.sampling for _, st in seqs]
+        need_hist = any(p.repetition_penalty != 1.0 for p in params)
+        need_out = any(p.presence_penalty != 0.0 for p in params)
+        return SamplingTensors.build(
+            params=params,
+            seeds=[st.seed for _, st in seqs],
+            steps=[len(st.token_ids) - st.num_prompt_tokens for _, st in seqs],
+            token_histories=[st.token_ids for _, st in seqs] if need_hist else [],
+            output_histories=[st.token_ids[st.num_prompt_tokens:] for _, st in seqs] if need_out else [],
+            vocab_size=self.model_config.vocab_size, device=self.device)
