@@ -127,11 +127,15 @@ class BatcherService:
                               max_num_batched_tokens=cfg.max_num_batched_tokens,
                               max_model_len=info.max_model_len, max_waiting=cfg.max_waiting)
         self.core = EngineCore(scheduler, None, self._tokenizer)
-        self.core.set_kv_event_callback(self._kv_events.append)
+        self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
         self._kv_events.append(KvEvent(CLEARED, [], block_size=info.block_size))
         self.remote.open()
         self.healthy = True
+
+    def _on_kv_event(self, event: KvEvent) -> None:
+        # Not a bound list.append: _flush_kv_events swaps the list out.
+        self._kv_events.append(event)
 
     async def drain(self, grace: float) -> None:
         """Stop admitting, let running requests finish (up to grace seconds), abort the rest."""

@@ -1,0 +1,43 @@
+"""A small streaming client over the generated stubs (used by `switchyard generate` and the demo)."""
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.rpc import options
+
+
+def stream_generate(router: str, prompt: str, *, model: str | None = None, max_tokens: int = 64,
+                    temperature: float = 0.0, seed: int | None = None, chat: bool = False,
+                    timeout: float = 300.0, verbose: bool = False, out=sys.stdout) -> int:
+    """Stream one completion to `out` as it arrives; returns a process exit code."""
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    if seed is not None:
+        sampling.seed = seed
+    req = inference_pb2.GenerateRequest(model=model or "", sampling=sampling, intent="" if model else "chat")
+    if chat:
+        req.messages.add(role="user", content=prompt)
+    else:
+        req.prompt = prompt
+    with grpc.insecure_channel(router, options=options()) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        last = None
+        try:
+            if not model:
+                req.model = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models[0].name
+            for resp in stub.Generate(req, timeout=timeout):
+                out.write(resp.text)
+                out.flush()
+                last = resp
+        except grpc.RpcError as e:
+            print(f"\nswitchyard generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(file=out)
+    if last is not None and last.HasField("usage") and verbose:
+        u = last.usage
+        print(f"[{common_pb2.FinishReason.Name(last.finish_reason)} prompt={u.prompt_tokens} "
+              f"completion={u.completion_tokens} cached={u.cached_tokens} queue={u.queue_ms:.1f}ms "
+              f"prefill={u.prefill_ms:.1f}ms decode={u.decode_ms:.1f}ms worker={u.worker_id}]", file=sys.stderr)
+    return 0

@@ -1,0 +1,59 @@
+"""Every NATS subject Switchyard uses, built in one place (DESIGN.md, "Names").
+
+Subjects are lower case with the prefix `sy.`. Ids that go into a subject must be a single NATS
+token: no dots, spaces or wildcards; `check_token` enforces it so a request id can never
+address someone else's subject.
+"""
+from __future__ import annotations
+
+import re
+
+PREFIX = "sy"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_token(value: str, what: str = "id") -> str:
+    """Return value if it is usable as one subject token, else raise ValueError naming `what`."""
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise ValueError(f"{what} must match [A-Za-z0-9_-]{{1,64}}, got {value!r}")
+    return value
+
+
+def request(worker_id: str) -> str:
+    """Router -> the batcher that owns worker_id: new requests (BatchRequest)."""
+    return f"{PREFIX}.req.{check_token(worker_id, 'worker id')}"
+
+
+def tokens(request_id: str) -> str:
+    """Batcher -> router: the request's token chunks (TokenChunk), one per engine step."""
+    return f"{PREFIX}.tok.{check_token(request_id, 'request id')}"
+
+
+def cancel(request_id: str) -> str:
+    """Router -> batcher: stop this request and free its blocks (Cancel)."""
+    return f"{PREFIX}.cancel.{check_token(request_id, 'request id')}"
+
+
+def kv_events(worker_id: str) -> str:
+    """Batcher -> KV index: the KV events of one step (KvEventBatch)."""
+    return f"{PREFIX}.kv.{check_token(worker_id, 'worker id')}"
+
+
+def heartbeat(worker_id: str) -> str:
+    """Batcher -> router and KV index: liveness and load (Heartbeat)."""
+    return f"{PREFIX}.hb.{check_token(worker_id, 'worker id')}"
+
+
+# Wildcards for the subscribers that listen to every worker / request.
+ALL_CANCELS = f"{PREFIX}.cancel.*"
+ALL_KV_EVENTS = f"{PREFIX}.kv.*"
+ALL_HEARTBEATS = f"{PREFIX}.hb.*"
+
+# JetStream work queue for offline batch jobs (DESIGN.md, "Request path").
+BATCH_STREAM = "SY_BATCH"
+BATCH_SUBMIT = f"{PREFIX}.batch.submit"
+
+
+def last_token(subject: str) -> str:
+    """The id at the end of a subject (e.g. the worker id of sy.hb.<worker_id>)."""
+    return subject.rsplit(".", 1)[-1]

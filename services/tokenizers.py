@@ -1,0 +1,12 @@
+"""Tokenizer lookup for the router and batcher (they need the tokenizer, not the weights)."""
+from __future__ import annotations
+
+
+def load_tokenizer(name: str):
+    """The engine loader's tokenizer for `name` (built-in name, .gguf or HF folder)."""
+    from workers.engine import loader
+    fn = getattr(loader, "load_tokenizer", None)
+    if fn is not None:
+        return fn(name)
+    # Older loader without load_tokenizer: the built-in SmolLM2 tokenizer (random:* models share it).
+    return loader.smollm2_tokenizer()

@@ -1,0 +1,275 @@
+"""Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Qwen2-style q/k/v biases) over a paged KV cache.
+
+One forward runs a flat batch of tokens from many sequences (prefill chunks and decode tokens mixed),
+described by `AttentionMetadata`. q/k/v and gate/up projections are fused; `load_weights` takes a
+HF-named state dict and fuses it.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.engine.attention import AttentionMetadata, paged_attention
+from workers.engine.config import ModelConfig
+from workers.engine.rope import RotaryEmbedding, apply_rope
+
+
+def _param(shape, device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((size,), device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # as HF LlamaRMSNorm: normalise in float32, cast back, then scale
+        dt = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dt)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Module()
+        self.qkv_proj.weight = _param((self.q_size + 2 * self.kv_size, cfg.hidden_size), device, dtype)
+        self.qkv_proj.bias = _param((self.q_size + 2 * self.kv_size,), device, dtype) if cfg.attention_bias else None
+        self.o_proj = nn.Module()
+        self.o_proj.weight = _param((cfg.hidden_size, self.q_size), device, dtype)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache):
+        T = x.shape[0]
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return F.linear(o.reshape(T, self.q_size), self.o_proj.weight)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Module()
+        self.gate_up_proj.weight = _param((2 * cfg.intermediate_size, cfg.hidden_size), device, dtype)
+        self.down_proj = nn.Module()
+        self.down_proj.weight = _param((cfg.hidden_size, cfg.intermediate_size), device, dtype)
+
+    def forward(self, x):
+        gate, up = F.linear(x, self.gate_up_proj.weight).split(self.intermediate_size, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, device, dtype)
+        self.mlp = LlamaMLP(cfg, device, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+
+    def forward(self, h, cos, sin, meta, kv_cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _param((cfg.vocab_size, cfg.hidden_size), device, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, device, dtype) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+
+
+def _fuse(parts: list[torch.Tensor], device, dtype) -> torch.Tensor:
+    """torch.cat(parts, 0) on device/dtype; a zero-copy view when the parts already lie back to back
+    in one storage (as our GGUF conversion writes them and the mmap reader loads them)."""
+    p0 = parts[0]
+    same = all(p.dtype == dtype and p.is_contiguous() and p.device == p0.device for p in parts) and \
+        (device is None or p0.device == torch.device(device)) and p0.device.type == "cpu"
+    if same:
+        try:
+            st = p0.untyped_storage()
+            adjacent = all(p.untyped_storage().data_ptr() == st.data_ptr() for p in parts) and all(
+                a.storage_offset() + a.numel() == b.storage_offset() for a, b in zip(parts, parts[1:]))
+        except Exception:
+            adjacent = False
+        if adjacent:
+            rows = sum(p.shape[0] for p in parts)
+            shape = (rows, *p0.shape[1:])
+            return p0.new_empty(0).set_(st, p0.storage_offset(), shape)
+    return torch.cat([p.to(device=device if device is not None else p.device, dtype=dtype) for p in parts], 0)
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids [T], positions [T], attn_meta, kv_caches) -> hidden [T, H];
+    compute_logits(hidden [N, H]) -> float32 logits [N, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = cfg
+        dtype = dtype or torch.get_default_dtype()
+        self.model = LlamaModel(cfg, device, dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = _param((cfg.vocab_size, cfg.hidden_size), device, dtype)
+        max_pos = max(int(cfg.max_position_embeddings or 0), 1)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling, device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            h = layer(h, cos, sin, attn_meta, kv)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load a HF-named state dict (q/k/v and gate/up separate), fusing as needed.
+
+        Tensors are assigned (no copy into pre-initialised storage) after moving to this model's
+        device/dtype; the module may have been built on the `meta` device.
+        """
+        cfg = self.config
+        dev = self.model.norm.weight.device
+        if dev.type == "meta":
+            dev = None
+        dtype = self.dtype
+        target = dev
+
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=target if target is not None else t.device, dtype=dtype)
+
+        def put(mod: nn.Module, name: str, t: torch.Tensor) -> None:
+            setattr(mod, name, nn.Parameter(conv(t).contiguous(), requires_grad=False))
+
+        per_layer: dict[int, dict[str, torch.Tensor]] = {}
+        seen = set()
+        for name, t in state_dict.items():
+            m = _LAYER_RE.match(name)
+            if m:
+                per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = t
+                continue
+            if name == "model.embed_tokens.weight":
+                put(self.model.embed_tokens, "weight", t)
+            elif name == "model.norm.weight":
+                put(self.model.norm, "weight", t)
+            elif name == "lm_head.weight":
+                if cfg.tie_word_embeddings:
+                    continue
+                put(self.lm_head, "weight", t)
+            elif name.endswith("rotary_emb.inv_freq"):
+                continue
+            elif strict:
+                raise KeyError(f"unexpected weight {name!r}")
+            seen.add(name)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        elif "lm_head.weight" not in state_dict and strict:
+            raise KeyError("missing lm_head.weight (model is not tied)")
+        for name in ("model.embed_tokens.weight", "model.norm.weight"):
+            if name not in seen and strict:
+                raise KeyError(f"missing {name}")
+
+        for i, layer in enumerate(self.model.layers):
+            w = per_layer.pop(i, {})
+            try:
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv = _fuse([w.pop(f"self_attn.{p}_proj.weight") for p in "qkv"], target, dtype)
+                attn.qkv_proj.weight = nn.Parameter(qkv, requires_grad=False)
+                if cfg.attention_bias:
+                    b = _fuse([w.pop(f"self_attn.{p}_proj.bias") for p in "qkv"], target, dtype)
+                    attn.qkv_proj.bias = nn.Parameter(b, requires_grad=False)
+                put(attn.o_proj, "weight", w.pop("self_attn.o_proj.weight"))
+                gu = _fuse([w.pop("mlp.gate_proj.weight"), w.pop("mlp.up_proj.weight")], target, dtype)
+                mlp.gate_up_proj.weight = nn.Parameter(gu, requires_grad=False)
+                put(mlp.down_proj, "weight", w.pop("mlp.down_proj.weight"))
+                put(layer.input_layernorm, "weight", w.pop("input_layernorm.weight"))
+                put(layer.post_attention_layernorm, "weight", w.pop("post_attention_layernorm.weight"))
+            except KeyError as e:
+                if strict:
+                    raise KeyError(f"layer {i}: missing weight {e}") from None
+            w = {k: v for k, v in w.items() if not k.endswith("rotary_emb.inv_freq")}
+            if w and strict:
+                raise KeyError(f"layer {i}: unexpected weights {sorted(w)}")
+        if per_layer and strict:
+            raise KeyError(f"weights for layers beyond num_hidden_layers: {sorted(per_layer)}")
+        if self.rotary_emb.cos_cache.numel() == 0 or self.rotary_emb.cos_cache.device != self.device:
+            if self.device.type != "meta":
+                self.rotary_emb.build(self.device)
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random normal(0, std) matrices, unit norms, zero biases; generated on the weights' device."""
+        dev = self.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under HF names (q/k/v and gate/up split again), as views."""
+        cfg = self.config
+        out = {"model.embed_tokens.weight": self.model.embed_tokens.weight.data,
+               "model.norm.weight": self.model.norm.weight.data}
+        if not cfg.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head.weight.data
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            pre = f"model.layers.{i}."
+            q, k, v = a.qkv_proj.weight.data.split([a.q_size, a.kv_size, a.kv_size], 0)
+            out[pre + "self_attn.q_proj.weight"], out[pre + "self_attn.k_proj.weight"] = q, k
+            out[pre + "self_attn.v_proj.weight"] = v
+            if a.qkv_proj.bias is not None:
+                qb, kb, vb = a.qkv_proj.bias.data.split([a.q_size, a.kv_size, a.kv_size], 0)
+                out[pre + "self_attn.q_proj.bias"], out[pre + "self_attn.k_proj.bias"] = qb, kb
+                out[pre + "self_attn.v_proj.bias"] = vb
+            out[pre + "self_attn.o_proj.weight"] = a.o_proj.weight.data
+            g, u = m.gate_up_proj.weight.data.split(m.intermediate_size, 0)
+            out[pre + "mlp.gate_proj.weight"], out[pre + "mlp.up_proj.weight"] = g, u
+            out[pre + "mlp.down_proj.weight"] = m.down_proj.weight.data
+            out[pre + "input_layernorm.weight"] = layer.input_layernorm.weight.data
+            out[pre + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.data
+        return out

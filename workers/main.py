@@ -1,0 +1,69 @@
+"""Worker process: `python -m workers.main --port P [--model M] [--config FILE]`."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from services import rpc
+from services.config import load_config
+
+SERVICE = "switchyard.v1.Worker"
+
+
+def engine_config(cfg):
+    from workers.engine.config import EngineConfig
+    return EngineConfig(device=cfg.device, block_size=cfg.block_size, num_kv_blocks=cfg.num_kv_blocks,
+                        kv_cache_memory_gb=cfg.kv_cache_memory_gb, max_num_seqs=cfg.max_num_seqs,
+                        max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
+                        enable_prefix_caching=cfg.enable_prefix_caching, max_waiting=cfg.max_waiting)
+
+
+async def serve(args) -> None:
+    from protos.switchyard.v1 import worker_pb2_grpc
+    from workers.engine.loader import load_model
+    from workers.engine.model_runner import ModelRunner, resolve_dtype
+    from workers.service import WorkerServicer
+
+    cfg = load_config(args.config, model=args.model)
+    ecfg = engine_config(cfg)
+    srv = rpc.server(cfg.max_message_bytes)
+    hs = rpc.add_health_and_reflection(srv, [SERVICE])
+    servicer = WorkerServicer(None, cfg.model, ecfg.device)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, srv)
+    port = rpc.bind(srv, args.host or cfg.host, args.port)
+    await rpc.set_serving(hs, [SERVICE], False)
+    await srv.start()  # listen first: health answers NOT_SERVING while the model loads
+
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(None, lambda: load_model(
+        cfg.model, device=ecfg.device, dtype=resolve_dtype(ecfg), random_weights=None))
+    servicer.runner = ModelRunner(loaded, ecfg)
+    await loop.run_in_executor(servicer._executor, servicer.warmup)
+    servicer.ready = True
+    await rpc.set_serving(hs, [SERVICE], True)
+    logging.getLogger("switchyard.worker").info("worker %s serving %s on port %d", args.worker_id, cfg.model, port)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await rpc.set_serving(hs, [SERVICE], False)
+    await srv.stop(grace=2.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Switchyard worker (Worker gRPC service)")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--worker-id", default="w0")
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The Worker gRPC servicer: executes StepPlans on the engine's ModelRunner.
+
+The worker owns the KV tensors and nothing else: it never decides who runs (the batcher does).
+`execute` runs on a one-thread executor so the event loop keeps answering health checks while
+a step is computing, and so steps never overlap.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from protos.switchyard.v1 import worker_pb2, worker_pb2_grpc
+from workers.engine.plan import NewRequestPlan, StepPlan
+from workers.engine.sampling_params import SamplingParams
+from workers.step_codec import plan_from_proto, result_to_proto
+
+log = logging.getLogger("switchyard.worker")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, runner, model_name: str, device: str = "cpu"):
+        self.runner = runner          # None until the model is loaded (Health says ready=False)
+        self.model_name = model_name
+        self.device = device
+        self.ready = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+        self._stream_lock = asyncio.Lock()
+
+    def _execute_pb(self, pb: worker_pb2.StepPlan) -> worker_pb2.StepResult:
+        # Decode, run and encode on the executor thread: the loop only moves bytes.
+        return result_to_proto(self.runner.execute(plan_from_proto(pb)))
+
+    def _reset(self) -> None:
+        """A new Step stream means a new batcher session: forget the previous one's requests."""
+        seqs = getattr(self.runner, "seqs", None)
+        if isinstance(seqs, dict):
+            seqs.clear()
+
+    def warmup(self) -> None:
+        """One tiny prefill + forget, so the first real request does not pay first-call costs.
+
+        Writes KV into block 0 only; the batcher has not allocated anything yet, and a block's KV
+        is always written before it is read.
+        """
+        sp = SamplingParams(max_tokens=1, temperature=0.0)
+        self.runner.execute(StepPlan(step_id=0, new_requests=[NewRequestPlan(
+            request_id="__warmup__", token_ids=[1, 2, 3], num_prompt_tokens=3, num_computed_tokens=0,
+            num_new_tokens=3, block_ids=[0], sampling=sp, seed=0)]))
+        self.runner.execute(StepPlan(step_id=0, finished_ids=["__warmup__"]))
+
+    async def Step(self, request_iterator, context: grpc.aio.ServicerContext):
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is still loading its model")
+        if self._stream_lock.locked():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker is already driven by a batcher (one Step stream at a time)")
+        async with self._stream_lock:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._reset)
+            async for pb in request_iterator:
+                try:
+                    res = await loop.run_in_executor(self._executor, self._execute_pb, pb)
+                except Exception as e:  # a bad plan or an engine bug: fail the stream loudly
+                    log.exception("step %s failed", pb.step_id)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"worker step {pb.step_id} failed: {e}")
+                yield res
+
+    async def Health(self, request: worker_pb2.HealthRequest, context) -> worker_pb2.WorkerInfo:
+        r = self.runner
+        if r is None:
+            return worker_pb2.WorkerInfo(model=self.model_name, ready=False, device=self.device)
+        return worker_pb2.WorkerInfo(model=self.model_name, num_blocks=r.num_blocks, block_size=r.block_size,
+                                     max_model_len=r.max_model_len, ready=self.ready, device=self.device)
