@@ -181,7 +181,7 @@ class BlockAllocator:
             r = ref[b] - 1
             ref[b] = r
             if r == 0:
-                if False:
+                if block_hash[b] is not None:
                     self._evictable[b] = None  # most recently used end
                 else:
                     self._free.append(b)
