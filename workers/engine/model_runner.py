@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.attention import build_attention_metadata
+from workers.engine.attention import AttentionMetadata, _triton, build_attention_metadata
 from workers.engine.config import EngineConfig
 from workers.engine.plan import StepPlan, StepResult
 from workers.engine.sampler import Sampler, SamplingTensors
@@ -54,6 +54,10 @@ class ModelRunner:
                           for _ in range(mc.num_hidden_layers)]
         self.sampler = Sampler()
         self.seqs: dict[str, _SeqState] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        if (config.use_cuda_graphs and self.device.type == "cuda" and _triton() is not None):
+            self.decode_graphs = DecodeGraphs(self, graph_batch_sizes(config.max_num_seqs))
+            self.decode_graphs.capture()
 
     # ---- sizing ----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -117,11 +121,14 @@ class ModelRunner:
             st.num_computed = c + n
 
         dev = self.device
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = build_attention_metadata(prefills, decodes, self.block_size, dev,
-                                        max_blocks_per_seq=self.max_blocks_per_seq)
-        hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+        if not prefills and self.decode_graphs is not None and self.decode_graphs.fits(len(decodes)):
+            hidden = self.decode_graphs.run(input_ids, positions, decodes)
+        else:
+            ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+            meta = build_attention_metadata(prefills, decodes, self.block_size, dev,
+                                            max_blocks_per_seq=self.max_blocks_per_seq)
+            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
         result = StepResult(step_id=plan.step_id)
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
@@ -149,3 +156,84 @@ class ModelRunner:
             token_histories=[st.token_ids for _, st in seqs] if need_hist else [],
             output_histories=[st.token_ids[st.num_prompt_tokens:] for _, st in seqs] if need_out else [],
             vocab_size=self.model_config.vocab_size, device=self.device)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 8))
+    if max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    """Decode-only steps replayed from captured CUDA graphs (in the style of gpt-fast/nano-vllm).
+
+    The batch is padded to the next captured size: padding rows write to slot -1 (skipped) and
+    have context length 0 (the attention kernel returns zeros). Everything the graph reads lives
+    in static buffers filled before replay. With `capture_graphs=False` the same padded static
+    path runs eagerly, which is how it is tested on CPU.
+    """
+
+    def __init__(self, runner: "ModelRunner", sizes: list[int], capture_graphs: bool = True):
+        self.runner = runner
+        self.sizes = sorted(sizes)
+        self.capture_graphs = capture_graphs
+        n, dev = self.sizes[-1], runner.device
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((n, runner.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[object, torch.Tensor]] = {}
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def _meta(self, bs: int, max_ctx: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:bs], prefill_query_lens=[], prefill_context_lens=[],
+            prefill_block_tables=[], num_decode_tokens=bs, decode_context_lens=self.context_lens[:bs],
+            decode_block_tables=self.block_tables[:bs], max_decode_context_len=max_ctx)
+
+    def _forward(self, bs: int, max_ctx: int) -> torch.Tensor:
+        return self.runner.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs, max_ctx),
+                                 self.runner.kv_caches)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        max_ctx = self.runner.max_model_len
+        for bs in reversed(self.sizes):        # largest first, so smaller graphs reuse its pool
+            self._forward(bs, max_ctx)          # warm up kernels/autotuning outside capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._forward(bs, max_ctx)
+            pool = g.pool() if pool is None else pool
+            self.graphs[bs] = (g, out)
+        torch.cuda.synchronize()
+
+    def run(self, input_ids: list[int], positions: list[int], decodes: list[tuple[int, list[int]]]) -> torch.Tensor:
+        n = len(input_ids)
+        bs = next(b for b in self.sizes if b >= n)
+        bsz = self.runner.block_size
+        width = self.block_tables.shape[1]
+        table = torch.tensor([bt + [0] * (width - len(bt)) for _, bt in decodes] + [[0] * width] * (bs - n),
+                             dtype=torch.int32)
+        ctx = [c for c, _ in decodes]
+        slots = [bt[(c - 1) // bsz] * bsz + (c - 1) % bsz for c, bt in decodes]
+        pad = bs - n
+        dev = self.runner.device
+        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slots[:bs].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.context_lens[:bs].copy_(torch.tensor(ctx + [0] * pad, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:bs].copy_(table.to(dev, non_blocking=True))
+        if self.capture_graphs:
+            g, out = self.graphs[bs]
+            g.replay()
+        else:
+            out = self._forward(bs, max(ctx))
+        return out[:n]
