@@ -41,3 +41,5 @@ class EngineConfig:
     max_waiting: int = 1024             # admission bound; add_request beyond it raises QueueFullError
     use_cuda_graphs: bool = True
     seed: int = 0                       # engine seed: draws per-request seeds for unseeded requests
+    num_threads: int | None = None      # torch intra-op threads (CPU); None: torch's default.
+                                        # Oversubscribed cores make OpenMP spin: give each worker its share.

@@ -42,6 +42,8 @@ class ModelRunner:
         self.model_config = mc = loaded.config
         self.config = config
         self.device = torch.device(config.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
