@@ -42,7 +42,6 @@ def test_conversion_folder_is_hf_loadable(smollm2, smollm2_dir, hf_smollm2):
     assert cfg["torch_dtype"] == "float32" and cfg["tie_word_embeddings"] is True
     tcfg = json.loads((d / "tokenizer_config.json").read_text())
     assert tcfg["chat_template"] and tcfg["bos_token"] == "<|im_start|>" and tcfg["eos_token"] == "<|im_end|>"
-    assert Path(smollm2_dir).parent.name == "models" or "SWITCHYARD_CACHE_DIR" in __import__("os").environ
     # transformers loads it (the fixture) with the same shapes
     assert hf_smollm2.config.num_key_value_heads == smollm2.config.num_key_value_heads == 3
     assert hf_smollm2.config.head_dim == smollm2.config.head_dim == 64
@@ -79,15 +78,27 @@ def test_tokenizer_matches_hf(smollm2, hf_tokenizer):
     assert tok.decode(tok.encode("a b")) == "a b"
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers_gguf_build(smollm2):
-    """Our GGUF tokenizer construction vs transformers' own GGUF tokenizer converter on the same file."""
+    """Our GGUF tokenizer construction vs transformers' own GGUF tokenizer converter on the same file.
+
+    One known, intended difference: for `tokenizer.ggml.pre == "smollm"` llama.cpp (and SmolLM2's own
+    tokenizer.json) split every digit (\\p{N}) before the byte-level regex; transformers' converter
+    (5.x) does not. It shows where a merge would join a space to a non-ASCII numeric, e.g. " ½" or " ٣"."""
     transformers = pytest.importorskip("transformers")
     gguf = smollm2_gguf_path()
     theirs = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok = smollm2.tokenizer
-    for text in TEXTS + ["12345678901234567890 a1b2c3 ٣٤٥ ½ ²", "x" * 50 + " " + "9" * 30]:
+    for text in TEXTS + ["12345678901234567890 a1b2c3 99 bottles, 3.5% of $1,000", "x" * 50 + " " + "9" * 30]:
         assert tok.encode(text) == theirs.encode(text, add_special_tokens=False), text
-    assert [tok.id_to_token(i) for i in range(0, 49152, 997)] == theirs.convert_ids_to_tokens(list(range(0, 49152, 997)))
+    ids = list(range(0, 49152, 997))
+    assert [tok.id_to_token(i) for i in ids] == theirs.convert_ids_to_tokens(ids)
+    # the digit rule: the pre-tokenizer isolates every numeric character
+    import unicodedata
+    text = "x ٣٤٥ 2024 ⅷ"
+    pieces = [text[a:b] for _, (a, b) in tok.backend.pre_tokenizer.pre_tokenize_str(text)]
+    numeric = [p for p in pieces if any(unicodedata.category(c).startswith("N") for c in p)]
+    assert numeric == ["٣", "٤", "٥", "2", "0", "2", "4", "ⅷ"], pieces
 
 
 def test_chat_template_matches_hf(smollm2, hf_tokenizer):

@@ -1,8 +1,9 @@
 """Our paged LlamaForCausalLM against transformers on the same weights.
 
 Measured on CPU float32 (SmolLM2-135M, 8 prompts x 64 greedy tokens): greedy tokens identical; max abs
-logit difference over every generated position ~5e-5 (asserted < 1e-3). Chunked prefill and the mixed
-batch agree with the one-shot / one-sequence runs to ~1e-5 (asserted < 1e-4).
+logit difference over every generated position (444 of them) 6.2e-5 (asserted < 1e-3). Chunked prefill and the mixed
+batch agree with the one-shot / one-sequence runs to 2.4e-5 / 4.2e-5 (asserted < 1e-4). Tiny random HF
+checkpoints (llama3 rope + sharded, linear rope + tied, Qwen2 biases): < 1e-4 vs transformers.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _trim_after_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
+@pytest.mark.slow
 def test_greedy_and_logits_match_hf(smollm2, hf_smollm2, paged_kv):
     """8 prompts x 64 greedy tokens. HF side: one batched generate (left padding), then one batched
     forward (right padding) over prompt + our continuation for the logits at every generated position."""

@@ -193,8 +193,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qd = q[off:off + n_dec]
         tri = _triton() if q.is_cuda else None
         if tri is not None:
-            out[off:off + n_dec] = tri.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables,
-                                                              meta.decode_context_lens, scale)
+            tri.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                       scale, out=out[off:off + n_dec])
         else:
             out[off:off + n_dec] = decode_attention_torch(qd, k_cache, v_cache, meta.decode_block_tables,
                                                           meta.decode_context_lens, meta.max_decode_context_len,

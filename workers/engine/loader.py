@@ -220,9 +220,8 @@ def _load_hf_folder(folder: Path, name: str, device, dtype: torch.dtype) -> Load
             state.update(read_safetensors_mmap(f))
         else:
             state.update(load_file(str(f), device=str(dev)))
-    model.load_weights(state)
+    model.load_weights(state)      # also builds the rope cache on the weights' device
     del state
-    model.rotary_emb.build(dev)
     model.eval()
     return LoadedModel(name=name, config=cfg, model=model, tokenizer=tok, path=str(folder))
 

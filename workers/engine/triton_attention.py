@@ -136,6 +136,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = H // KVH
     if out is None:
         out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
     if B == 0:
         return out
     q = q.to(k_cache.dtype)
