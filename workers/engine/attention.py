@@ -34,37 +34,37 @@ def build_attention_metadata(prefills: list[tuple[int, int, list[int]]], decodes
     Token i of a prefill chunk sits at position context_len - query_len + i; a decode token at
     context_len - 1. slot = block_table[pos // block_size] * block_size + pos % block_size.
     """
-    slots: list[int] = []
+    pieces: list[torch.Tensor] = []           # per prefill segment: its tokens' slots (tensor ops)
     pq, pc, pbt = [], [], []
     for ql, cl, bt in prefills:
         if ql <= 0 or cl < ql:
             raise ValueError(f"bad prefill segment: query_len={ql} context_len={cl}")
         if len(bt) * block_size < cl:
             raise ValueError(f"block table of {len(bt)} blocks too short for context {cl}")
-        for pos in range(cl - ql, cl):
-            slots.append(bt[pos // block_size] * block_size + pos % block_size)
+        table = torch.tensor(bt, dtype=torch.int64)
+        pos = torch.arange(cl - ql, cl, dtype=torch.int64)
+        pieces.append(table[pos // block_size] * block_size + pos % block_size)
         pq.append(ql)
         pc.append(cl)
-        pbt.append(torch.tensor(bt, dtype=torch.int64, device=device))
+        pbt.append(table.to(device))
     dec_lens = []
     dec_tables = []
+    dec_slots = []
     for cl, bt in decodes:
         if cl <= 0:
             raise ValueError(f"bad decode context_len={cl}")
         pos = cl - 1
-        slots.append(bt[pos // block_size] * block_size + pos % block_size)
+        dec_slots.append(bt[pos // block_size] * block_size + pos % block_size)
         dec_lens.append(cl)
         dec_tables.append(bt)
-    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    pieces.append(torch.tensor(dec_slots, dtype=torch.int64))
+    slot_mapping = torch.cat(pieces).to(device)
     if decodes:
         width = max_blocks_per_seq if max_blocks_per_seq is not None else max(len(b) for b in dec_tables)
         width = max(width, 1)
-        tab = torch.zeros((len(decodes), width), dtype=torch.int32)
-        for i, bt in enumerate(dec_tables):
-            if len(bt) > width:
-                raise ValueError(f"block table of {len(bt)} blocks exceeds max_blocks_per_seq={width}")
-            if bt:
-                tab[i, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        if any(len(bt) > width for bt in dec_tables):
+            raise ValueError(f"a block table exceeds max_blocks_per_seq={width}")
+        tab = torch.tensor([bt + [0] * (width - len(bt)) for bt in dec_tables], dtype=torch.int32)
         decode_block_tables = tab.to(device)
         decode_context_lens = torch.tensor(dec_lens, dtype=torch.int32, device=device)
         max_dec = max(dec_lens)

@@ -220,22 +220,20 @@ class DecodeGraphs:
     def run(self, input_ids: list[int], positions: list[int], decodes: list[tuple[int, list[int]]]) -> torch.Tensor:
         n = len(input_ids)
         bs = next(b for b in self.sizes if b >= n)
-        bsz = self.runner.block_size
-        width = self.block_tables.shape[1]
-        table = torch.tensor([bt + [0] * (width - len(bt)) for _, bt in decodes] + [[0] * width] * (bs - n),
-                             dtype=torch.int32)
-        ctx = [c for c, _ in decodes]
-        slots = [bt[(c - 1) // bsz] * bsz + (c - 1) % bsz for c, bt in decodes]
-        pad = bs - n
-        dev = self.runner.device
-        self.input_ids[:bs].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:bs].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:bs].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.context_lens[:bs].copy_(torch.tensor(ctx + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:bs].copy_(table.to(dev, non_blocking=True))
+        # Same slots/tables as the eager path, built on the host, then copied into the static
+        # buffers; rows n..bs are padding (slot -1, context length 0).
+        meta = build_attention_metadata([], decodes, self.runner.block_size, "cpu",
+                                        max_blocks_per_seq=self.block_tables.shape[1])
+        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self.slots[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.context_lens[:n].copy_(meta.decode_context_lens, non_blocking=True)
+        self.block_tables[:n].copy_(meta.decode_block_tables, non_blocking=True)
+        self.slots[n:bs].fill_(-1)
+        self.context_lens[n:bs].zero_()
         if self.capture_graphs:
             g, out = self.graphs[bs]
             g.replay()
         else:
-            out = self._forward(bs, max(ctx))
+            out = self._forward(bs, meta.max_decode_context_len)
         return out[:n]
