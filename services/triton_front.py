@@ -1,0 +1,459 @@
+"""Triton-protocol front door: KServe v2 / Triton `GRPCInferenceService` in front of the router.
+
+`switchyard up --triton-port P` starts this beside the router so that existing `tritonclient`
+programs stream tokens from any Switchyard model. Every inference becomes one
+`switchyard.v1.Inference/Generate` call on the router, so it takes the whole platform path
+(validation, routing, batching, tracing). The servicer is the one generated into
+`tritonclient[grpc]` (tritonclient.grpc.service_pb2_grpc), so the wire contract is Triton's.
+
+Each model looks like a decoupled LLM model of Triton's vLLM / TensorRT-LLM backends:
+inputs  text_input BYTES[1] (required), stream BOOL[1], max_tokens INT32[1], temperature FP32[1],
+        top_k INT32[1], top_p FP32[1], seed / random_seed UINT64[1], sampling_parameters BYTES[1]
+        (JSON), exclude_input_in_output BOOL[1], return_num_input_tokens / return_num_output_tokens /
+        return_finish_reason BOOL[1]  (all but text_input optional);
+outputs text_output BYTES[1], num_input_tokens UINT32[1], num_output_tokens UINT32[1],
+        finish_reason BYTES[1].
+Bad inputs (missing text_input, a wrong datatype, an unknown input or model) are answered with
+Triton's error (INVALID_ARGUMENT / NOT_FOUND on unary calls, `error_message` on the stream)
+before anything reaches the router. RepositoryModelLoad/Unload go to the model's batchers as a
+NATS request on sy.ctl.<worker> (ModelControl); ListModels then shows the change.
+Triton priorities (1 = highest, 0 = default) map to ours as 11 - p (1 -> 10, 10 -> 1).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
+from services import rpc, subjects
+from services.config import StackConfig, load_config
+from workers.backends.tritongrpc import load as load_triton
+
+_tg, _aio, pb, pb_grpc, mc, tutils = load_triton()
+log = logging.getLogger("switchyard.triton_front")
+
+VERSION = "1"
+INPUTS = {  # name -> (datatype, model-config type, required)
+    "text_input": ("BYTES", mc.TYPE_STRING, True),
+    "stream": ("BOOL", mc.TYPE_BOOL, False),
+    "max_tokens": ("INT32", mc.TYPE_INT32, False),
+    "temperature": ("FP32", mc.TYPE_FP32, False),
+    "top_k": ("INT32", mc.TYPE_INT32, False),
+    "top_p": ("FP32", mc.TYPE_FP32, False),
+    "seed": ("UINT64", mc.TYPE_UINT64, False),
+    "random_seed": ("UINT64", mc.TYPE_UINT64, False),
+    "sampling_parameters": ("BYTES", mc.TYPE_STRING, False),
+    "exclude_input_in_output": ("BOOL", mc.TYPE_BOOL, False),
+    "return_num_input_tokens": ("BOOL", mc.TYPE_BOOL, False),
+    "return_num_output_tokens": ("BOOL", mc.TYPE_BOOL, False),
+    "return_finish_reason": ("BOOL", mc.TYPE_BOOL, False),
+}
+OUTPUTS = {"text_output": ("BYTES", mc.TYPE_STRING), "num_input_tokens": ("UINT32", mc.TYPE_UINT32),
+           "num_output_tokens": ("UINT32", mc.TYPE_UINT32), "finish_reason": ("BYTES", mc.TYPE_STRING)}
+_SAMPLING_KEYS = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                  "repetition_penalty": float, "presence_penalty": float, "seed": int, "random_seed": int,
+                  "ignore_eos": bool}
+_FINISH = {1: "stop", 2: "length", 3: "abort"}
+
+
+class TritonInputError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# ---- decoding a ModelInferRequest -----------------------------------------------------------
+def _tensor_value(req, i: int, t):
+    """Input i as a numpy array (raw_input_contents or typed contents)."""
+    if i < len(req.raw_input_contents):
+        raw = req.raw_input_contents[i]
+        if t.datatype == "BYTES":
+            return tutils.deserialize_bytes_tensor(raw)
+        return np.frombuffer(raw, dtype=tutils.triton_to_np_dtype(t.datatype))
+    c = t.contents
+    for field, conv in (("bytes_contents", None), ("bool_contents", np.bool_), ("int_contents", np.int32),
+                        ("int64_contents", np.int64), ("uint_contents", np.uint32), ("uint64_contents", np.uint64),
+                        ("fp32_contents", np.float32), ("fp64_contents", np.float64)):
+        vals = getattr(c, field)
+        if len(vals):
+            return np.array(list(vals), dtype=object if conv is None else conv)
+    return np.array([])
+
+
+def _scalar(arr, name: str, rid: str, model: str):
+    if arr.size < 1:
+        raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"[request id: {rid}] input '{name}' for model '{model}' has no data")
+    v = arr.reshape(-1)[0]
+    return v.decode("utf-8") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+
+
+def _param_value(p):
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _triton_priority(p: int) -> int:
+    return 0 if p <= 0 else max(-100, 11 - p)
+
+
+def parse_request(req, known_models: set[str]) -> tuple[inference_pb2.GenerateRequest, dict]:
+    """ModelInferRequest -> (GenerateRequest, options); TritonInputError for anything Triton would reject."""
+    rid, model = req.id, req.model_name
+    if model not in known_models:
+        raise TritonInputError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{model}' is not found")
+    if req.model_version not in ("", VERSION):
+        raise TritonInputError(grpc.StatusCode.NOT_FOUND,
+                               f"Request for unknown model: '{model}' version {req.model_version} is not found")
+    values: dict[str, object] = {}
+    for i, t in enumerate(req.inputs):
+        spec = INPUTS.get(t.name)
+        if spec is None:
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] unexpected inference input '{t.name}' for model '{model}'; "
+                                   f"expected inputs: {', '.join(INPUTS)}")
+        if t.datatype != spec[0]:
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] inference input '{t.name}' data-type is '{t.datatype}', "
+                                   f"but model '{model}' expects '{spec[0]}'")
+        values[t.name] = _scalar(_tensor_value(req, i, t), t.name, rid, model)
+    if "text_input" not in values:
+        raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"[request id: {rid}] expected 1 inputs but got {len(values)} inputs for model "
+                               f"'{model}'. Got input(s) {sorted(values)}, but missing required input(s) "
+                               f"['text_input']. Please provide all required input(s).")
+    for o in req.outputs:
+        if o.name not in OUTPUTS:
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] unexpected inference output '{o.name}' for model '{model}'")
+    # Sampling: request parameters < sampling_parameters JSON < tensors.
+    settings: dict = {}
+    for k, p in req.parameters.items():
+        if k in _SAMPLING_KEYS or k == "stop":
+            settings[k] = _param_value(p)
+    if "sampling_parameters" in values:
+        try:
+            sp = json.loads(values["sampling_parameters"] or "{}")
+            if not isinstance(sp, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] input 'sampling_parameters' must be a JSON object: {e}")
+        settings.update(sp)
+    settings.update({k: v for k, v in values.items() if k in _SAMPLING_KEYS})
+    sampling = common_pb2.SamplingParams()
+    try:
+        for k, v in settings.items():
+            if k == "stop":
+                sampling.stop.extend([v] if isinstance(v, str) else list(v))
+            elif k == "stop_token_ids":
+                sampling.stop_token_ids.extend(int(x) for x in v)
+            elif k in ("seed", "random_seed"):
+                sampling.seed = int(v)
+            elif k == "top_k":
+                sampling.top_k = max(0, int(v))   # vLLM's -1 = off is our 0
+            elif k in _SAMPLING_KEYS and v is not None:
+                setattr(sampling, k, _SAMPLING_KEYS[k](v))
+    except (TypeError, ValueError) as e:
+        raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"[request id: {rid}] bad sampling value: {e}")
+    prio = req.parameters["priority"].uint64_param if "priority" in req.parameters else 0
+    gen = inference_pb2.GenerateRequest(model=model, prompt=str(values["text_input"]), sampling=sampling,
+                                        priority=_triton_priority(prio), request_id=uuid.uuid4().hex)
+    requested = {o.name for o in req.outputs} or {"text_output"}
+    for flag, out in (("return_num_input_tokens", "num_input_tokens"), ("return_num_output_tokens",
+                                                                       "num_output_tokens"),
+                      ("return_finish_reason", "finish_reason")):
+        if values.get(flag):
+            requested.add(out)
+    opts = {"stream": bool(values.get("stream", False)), "outputs": requested,
+            "empty_final": bool(req.parameters["triton_enable_empty_final_response"].bool_param)
+            if "triton_enable_empty_final_response" in req.parameters else False}
+    return gen, opts
+
+
+def make_response(req, text: str | None, *, n_out: int = 0, n_in: int = 0, finish: str | None = None,
+                  outputs: set[str] = frozenset({"text_output"}), final: bool = False):
+    """A ModelInferResponse with the requested outputs (none at all for an empty final response)."""
+    resp = pb.ModelInferResponse(model_name=req.model_name, model_version=VERSION, id=req.id)
+    if text is not None:
+        vals = {"text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+                "num_input_tokens": np.array([n_in], dtype=np.uint32),
+                "num_output_tokens": np.array([n_out], dtype=np.uint32),
+                "finish_reason": np.array([(finish or "").encode()], dtype=np.object_)}
+        for name in ("text_output", "num_input_tokens", "num_output_tokens", "finish_reason"):
+            if name in outputs:
+                arr = vals[name]
+                resp.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=[1])
+                raw = tutils.serialize_byte_tensor(arr).item() if arr.dtype == np.object_ else arr.tobytes()
+                resp.raw_output_contents.append(raw)
+    resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+# ---- the servicer ----------------------------------------------------------------------------------
+class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, cfg: StackConfig, router_channel: grpc.aio.Channel, nc=None):
+        from grpc_health.v1 import health_pb2_grpc
+        self.cfg = cfg
+        self.nc = nc
+        self.stub = inference_pb2_grpc.InferenceStub(router_channel)
+        self.admin = inference_pb2_grpc.AdminStub(router_channel)
+        self.health = health_pb2_grpc.HealthStub(router_channel)
+        self._models: dict[str, int] = {}            # name -> healthy workers (ListModels)
+        self._models_at = 0.0
+
+    async def models(self, fresh: bool = False) -> dict[str, int]:
+        if fresh or time.monotonic() - self._models_at > 1.0:
+            resp = await self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0)
+            self._models = {m.name: m.num_workers for m in resp.models}
+            self._models_at = time.monotonic()
+        return self._models
+
+    async def _known(self, name: str) -> set[str]:
+        models = await self.models()
+        if name not in models:
+            models = await self.models(fresh=True)
+        return set(models)
+
+    async def _require_model(self, name: str, context) -> int:
+        models = await self.models(fresh=True)
+        if name not in models:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+        return models[name]
+
+    # -- server
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        from grpc_health.v1 import health_pb2
+        try:
+            h = await self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            return pb.ServerReadyResponse(ready=h.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError:
+            return pb.ServerReadyResponse(ready=False)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="switchyard", version="0.1",
+                                         extensions=["model_repository", "model_repository(unload_dependents)"])
+
+    # -- models
+    async def ModelReady(self, request, context):
+        models = await self.models(fresh=True)
+        return pb.ModelReadyResponse(ready=models.get(request.name, 0) > 0
+                                     and request.version in ("", VERSION))
+
+    async def ModelMetadata(self, request, context):
+        await self._require_model(request.name, context)
+        resp = pb.ModelMetadataResponse(name=request.name, versions=[VERSION], platform="switchyard")
+        for name, (dt, _, _) in INPUTS.items():
+            resp.inputs.add(name=name, datatype=dt, shape=[1])
+        for name, (dt, _) in OUTPUTS.items():
+            resp.outputs.add(name=name, datatype=dt, shape=[-1] if name == "text_output" else [1])
+        return resp
+
+    async def ModelConfig(self, request, context):
+        await self._require_model(request.name, context)
+        cfg = mc.ModelConfig(name=request.name, backend="switchyard", platform="switchyard", max_batch_size=0)
+        cfg.model_transaction_policy.decoupled = True
+        for name, (_, t, required) in INPUTS.items():
+            cfg.input.add(name=name, data_type=t, dims=[1], optional=not required)
+        for name, (_, t) in OUTPUTS.items():
+            cfg.output.add(name=name, data_type=t, dims=[-1] if name == "text_output" else [1])
+        return pb.ModelConfigResponse(config=cfg)
+
+    async def ModelStatistics(self, request, context):
+        return pb.ModelStatisticsResponse()
+
+    # -- repository
+    async def RepositoryIndex(self, request, context):
+        models = await self.models(fresh=True)
+        resp = pb.RepositoryIndexResponse()
+        for name in sorted(models):
+            ready = models[name] > 0
+            if request.ready and not ready:
+                continue
+            resp.models.add(name=name, version=VERSION, state="READY" if ready else "UNAVAILABLE",
+                            reason="" if ready else "unloaded or no healthy worker")
+        return resp
+
+    async def _control(self, name: str, action: str, context) -> None:
+        await self._require_model(name, context)
+        if self.nc is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model control needs NATS; the front door has none")
+        st = await self.admin.Status(kv_index_pb2.StatusRequest(), timeout=5.0)
+        workers = [w.worker_id for w in st.workers if w.model == name]
+        if not workers:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker of model '{name}' is reachable right now")
+        msg = bus_pb2.ModelControl(action=action, model=name).SerializeToString()
+        errors = []
+        for wid in workers:
+            try:
+                r = await self.nc.request(subjects.control(wid), msg, timeout=120.0)
+                rep = bus_pb2.ModelControlReply.FromString(r.data)
+                if not rep.ok:
+                    errors.append(f"{wid}: {rep.error}")
+            except Exception as e:  # noqa: BLE001 - NATS timeout / no responders
+                errors.append(f"{wid}: {type(e).__name__}: {e}")
+        if errors:
+            await context.abort(grpc.StatusCode.INTERNAL, f"failed to {action} '{name}': {'; '.join(errors)}")
+        # Triton's load/unload is synchronous: answer once the router's view shows it.
+        want_ready = action == "load"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if ((await self.models(fresh=True)).get(name, 0) > 0) == want_ready:
+                return
+            await asyncio.sleep(0.05)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._control(request.model_name, "load", context)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._control(request.model_name, "unload", context)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference
+    async def _generate(self, gen: inference_pb2.GenerateRequest, timeout: float | None):
+        """Yield GenerateResponses; TritonInputError(code, message) on a router error."""
+        try:
+            async for r in self.stub.Generate(gen, timeout=timeout):
+                yield r
+        except grpc.aio.AioRpcError as e:
+            raise TritonInputError(e.code(), f"{e.code().name}: {e.details()}") from e
+
+    async def ModelInfer(self, request, context):
+        try:
+            gen, opts = parse_request(request, await self._known(request.model_name))
+            text, n_in, n_out, finish = "", 0, 0, None
+            async for r in self._generate(gen, context.time_remaining()):
+                text += r.text
+                n_out += len(r.token_ids)
+                if r.finish_reason:
+                    finish, n_in = _FINISH.get(r.finish_reason), r.usage.prompt_tokens
+                    n_out = r.usage.completion_tokens or n_out
+        except TritonInputError as e:
+            await context.abort(e.code, e.message)
+            return
+        return make_response(request, text, n_out=n_out, n_in=n_in, finish=finish, outputs=opts["outputs"],
+                             final=True)
+
+    async def _stream_one(self, request, out: asyncio.Queue) -> None:
+        """One request of a ModelStreamInfer: its responses (or its error) onto out."""
+        try:
+            gen, opts = parse_request(request, await self._known(request.model_name))
+            stream, outputs = opts["stream"], opts["outputs"]
+            text, n_out = "", 0
+            async for r in self._generate(gen, None):
+                n = len(r.token_ids)
+                last = bool(r.finish_reason)
+                finish = _FINISH.get(r.finish_reason) if last else None
+                n_in = r.usage.prompt_tokens if last else 0
+                if stream:
+                    if r.text or n or last:
+                        out.put_nowait(pb.ModelStreamInferResponse(infer_response=make_response(
+                            request, r.text, n_out=n, n_in=n_in, finish=finish, outputs=outputs,
+                            final=last and not opts["empty_final"])))
+                else:
+                    text += r.text
+                    n_out += n
+                    if last:
+                        out.put_nowait(pb.ModelStreamInferResponse(infer_response=make_response(
+                            request, text, n_out=r.usage.completion_tokens or n_out, n_in=n_in, finish=finish,
+                            outputs=outputs, final=not opts["empty_final"])))
+            if opts["empty_final"]:
+                out.put_nowait(pb.ModelStreamInferResponse(infer_response=make_response(request, None, final=True)))
+        except TritonInputError as e:
+            out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[request id: {request.id}] {e.message}"
+                                                       if not e.message.startswith("[request id") else e.message,
+                                                       infer_response=pb.ModelInferResponse(
+                                                           model_name=request.model_name, id=request.id)))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Decoupled: any number of responses per request; requests on one stream run concurrently."""
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        DONE = object()
+
+        async def reader():
+            try:
+                async for req in request_iterator:
+                    t = asyncio.create_task(self._stream_one(req, out))
+                    tasks.add(t)
+                    t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(None)))
+            finally:
+                out.put_nowait(DONE)
+
+        rd = asyncio.create_task(reader())
+        reading = True
+        try:
+            while reading or tasks:
+                item = await out.get()
+                if item is DONE:
+                    reading = False
+                elif item is not None:
+                    yield item
+        finally:
+            # Client closed the stream (or cancelled): cancel every request on it, router included.
+            rd.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+
+async def serve(args) -> None:
+    import nats
+
+    from telemetry import tracing
+    cfg = load_config(args.config)
+    tracing.setup_from_config("triton_front", cfg)
+    router = args.router or cfg.router_address
+    channel = rpc.channel(router, cfg.max_message_bytes)
+    nc = None
+    try:
+        nc = await nats.connect(args.nats or cfg.nats_url, name="triton_front", max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.2)
+    except Exception:  # noqa: BLE001 - inference still works; load/unload will say why not
+        log.warning("no NATS: repository load/unload disabled", exc_info=True)
+    front = TritonFront(cfg, channel, nc)
+    srv = rpc.server(cfg.max_message_bytes)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(front, srv)
+    hs = rpc.add_health_and_reflection(srv, ["inference.GRPCInferenceService"])
+    rpc.bind(srv, args.host or cfg.host, args.port)
+    await srv.start()
+    await rpc.set_serving(hs, ["inference.GRPCInferenceService"], True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await rpc.set_serving(hs, ["inference.GRPCInferenceService"], False)
+    await srv.stop(grace=min(cfg.drain_grace_s, 10.0))
+    await channel.close()
+    if nc is not None:
+        await nc.drain()
+    tracing.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Switchyard Triton-protocol front door (GRPCInferenceService)")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default=None)
+    ap.add_argument("--router", default=None, help="router host:port (default: from the config)")
+    ap.add_argument("--nats", default=None)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s triton_front %(levelname)s %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
