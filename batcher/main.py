@@ -9,15 +9,25 @@ import signal
 from services.config import load_config
 
 
+def gpu_price(cfg, worker_id: str) -> float:
+    """USD per GPU-hour of this worker: the per-worker override, else the config default."""
+    return float((cfg.gpu_usd_per_hour_by_worker or {}).get(worker_id, cfg.gpu_usd_per_hour))
+
+
 async def serve(args) -> None:
     import nats
 
     from batcher.service import BatcherService
 
+    from telemetry import metrics, tracing
+
     cfg = load_config(args.config)
+    tracing.setup_from_config("batcher", cfg)   # before any server/channel: interceptors
+    batcher_metrics = metrics.BatcherMetrics(cfg.model, args.worker_id, gpu_price(cfg, args.worker_id))
+    metrics.serve(args.metrics_port, cfg.host)
     nc = await nats.connect(args.nats or cfg.nats_url, name=f"batcher-{args.worker_id}",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    svc = BatcherService(cfg, args.worker_id, args.worker_addr, nc)
+    svc = BatcherService(cfg, args.worker_id, args.worker_addr, nc, metrics=batcher_metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -32,6 +42,7 @@ async def serve(args) -> None:
         start.cancel()
     await svc.stop()
     await nc.drain()
+    tracing.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker-addr", required=True)
     ap.add_argument("--nats", default=None)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s batcher %(levelname)s %(message)s")
     asyncio.run(serve(args))

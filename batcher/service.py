@@ -23,11 +23,17 @@ from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
 from services import rpc, subjects
 from services.bus_codec import FINISH_TO_PB, kv_events_to_proto
 from services.config import StackConfig
-from workers.engine.errors import InvalidRequestError
+from telemetry import tracing
+from telemetry.metrics import BatcherMetrics
+from workers.engine.errors import InvalidRequestError, UnknownAdapterError
 from workers.engine.plan import StepPlan, StepResult
 from workers.step_codec import plan_to_proto, result_from_proto, sampling_from_proto
 
 log = logging.getLogger("switchyard.batcher")
+
+
+_REJECT_REASONS = {bus_pb2.CHUNK_ERROR_QUEUE_FULL: "queue_full", bus_pb2.CHUNK_ERROR_INVALID: "invalid",
+                   bus_pb2.CHUNK_ERROR_UNAVAILABLE: "unavailable", bus_pb2.CHUNK_ERROR_INTERNAL: "internal"}
 
 
 class WorkerLostError(RuntimeError):
@@ -46,12 +52,16 @@ class RemoteRunner:
         # No request iterator: write()/read() on the call, one plan out and one result in per step.
         self._call = self._stub.Step()
 
-    async def execute(self, plan: StepPlan) -> StepResult:
+    async def execute(self, plan: StepPlan, trace: tuple[str, list[str]] | None = None) -> StepResult:
         call = self._call
         if call is None:
             raise WorkerLostError("no Step stream open")
+        pb = plan_to_proto(plan)
+        if trace is not None and trace[0]:   # tracing: the worker.step span's parent and links
+            pb.traceparent = trace[0]
+            pb.links.extend(trace[1])
         try:
-            await call.write(plan_to_proto(plan))
+            await call.write(pb)
             pb = await call.read()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
             self._call = None
@@ -68,9 +78,20 @@ class RemoteRunner:
 
 
 class BatcherService:
-    def __init__(self, cfg: StackConfig, worker_id: str, worker_addr: str, nc: nats.NATS, tokenizer_loader=None):
+    def __init__(self, cfg: StackConfig, worker_id: str, worker_addr: str, nc: nats.NATS, tokenizer_loader=None,
+                 metrics: BatcherMetrics | None = None):
         self.cfg = cfg
         self.worker_id = subjects.check_token(worker_id, "worker id")
+        if metrics is None:  # not served: a private registry
+            from prometheus_client import CollectorRegistry
+            metrics = BatcherMetrics(cfg.model, worker_id, cfg.gpu_usd_per_hour, CollectorRegistry())
+        self.metrics = metrics
+        self._priority: dict[str, int] = {}       # request id -> priority (metric label)
+        self._cost_base: dict[str, float] = {}    # request id -> CostMeter base at its first token
+        self._spans = None
+        if tracing.ENABLED:
+            from telemetry.request_spans import BatcherSpans
+            self._spans = BatcherSpans(self.worker_id)
         self.worker_addr = worker_addr
         self.nc = nc
         self._load_tokenizer = tokenizer_loader
@@ -81,6 +102,7 @@ class BatcherService:
         self.info = None
         self.healthy = False
         self.draining = False
+        self.unloaded = False                     # ModelControl "unload": not routable, requests rejected
         self._reply: dict[str, str] = {}          # request id -> reply subject
         self._aborts: list[str] = []
         self._kv_events: list[KvEvent] = []
@@ -96,6 +118,7 @@ class BatcherService:
         await self._connect_worker(ready_timeout)
         self._subs.append(await self.nc.subscribe(subjects.request(self.worker_id), cb=self._on_request))
         self._subs.append(await self.nc.subscribe(subjects.ALL_CANCELS, cb=self._on_cancel))
+        self._subs.append(await self.nc.subscribe(subjects.control(self.worker_id), cb=self._on_control))
         self._tasks = [asyncio.create_task(self._run(), name="batcher-loop"),
                        asyncio.create_task(self._heartbeat_loop(), name="batcher-heartbeat")]
         await self._publish_heartbeat()
@@ -120,13 +143,17 @@ class BatcherService:
                 from services.tokenizers import load_tokenizer as loader
             self._tokenizer = await asyncio.get_running_loop().run_in_executor(None, loader, info.model)
         self.model = info.model
+        self.metrics.relabel(info.model)
+        self.metrics.reset_totals()   # a fresh core counts its totals from zero
         cfg = self.cfg
         allocator = BlockAllocator(info.num_blocks, info.block_size,
                                    enable_prefix_caching=cfg.enable_prefix_caching)
         scheduler = Scheduler(allocator, max_num_seqs=cfg.max_num_seqs,
                               max_num_batched_tokens=cfg.max_num_batched_tokens,
-                              max_model_len=info.max_model_len, max_waiting=cfg.max_waiting)
+                              max_model_len=info.max_model_len, max_waiting=cfg.max_waiting,
+                              max_loras=cfg.max_loras)
         self.core = EngineCore(scheduler, None, self._tokenizer)
+        self.core.adapter_check = self._check_adapter
         self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
         self._kv_events.append(KvEvent(CLEARED, [], block_size=info.block_size))
@@ -169,26 +196,47 @@ class BatcherService:
     async def _on_request(self, msg) -> None:
         req = bus_pb2.BatchRequest.FromString(msg.data)
         reply = req.reply_subject or subjects.tokens(req.request_id)
-        if not self.healthy or self.draining or self.core is None:
-            why = "draining" if self.draining else "its worker is not available"
+        span = self._spans.receive(msg, req) if self._spans is not None else None
+        if not self.healthy or self.draining or self.core is None or self.unloaded:
+            why = "draining" if self.draining else "unloaded" if self.unloaded else "its worker is not available"
             await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
-                               f"worker {self.worker_id} is {why}; retry")
+                               f"worker {self.worker_id} is {why}; retry", span=span)
             return
         if req.deadline_unix_ms and req.deadline_unix_ms <= time.time() * 1000:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "deadline already passed")
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "deadline already passed",
+                               reason="deadline", span=span)
             return
         try:
             self.core.add_request(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
                                   priority=req.priority, adapter_id=req.adapter_id or None)
         except QueueFullError as e:
             await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_QUEUE_FULL, str(e),
-                               retry_after_ms=e.retry_after_ms)
+                               retry_after_ms=e.retry_after_ms, span=span)
             return
         except InvalidRequestError as e:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_INVALID, str(e), field=e.field)
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_INVALID, str(e), field=e.field, span=span)
+            return
+        except UnknownAdapterError as e:
+            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_NOT_FOUND, str(e), field="adapter_id",
+                               reason="not_found", span=span)
             return
         self._reply[req.request_id] = reply
+        self._priority[req.request_id] = req.priority
+        if span is not None:
+            self._spans.admitted(span, req.request_id, self.model, len(req.prompt_token_ids))
         self._wake.set()
+
+    async def _on_control(self, msg) -> None:
+        """Model load/unload (Triton front door's repository API). Unload stops serving; the worker keeps
+        its weights resident until the model pool can free them."""
+        ctl = bus_pb2.ModelControl.FromString(msg.data)
+        ok = ctl.action in ("load", "unload") and (not ctl.model or ctl.model == self.model)
+        if ok:
+            self.unloaded = ctl.action == "unload"
+            await self._publish_heartbeat()
+        err = "" if ok else f"cannot {ctl.action!r} model {ctl.model!r} on worker {self.worker_id} ({self.model!r})"
+        if msg.reply:
+            await self.nc.publish(msg.reply, bus_pb2.ModelControlReply(ok=ok, error=err).SerializeToString())
 
     async def _on_cancel(self, msg) -> None:
         rid = subjects.last_token(msg.subject)
@@ -197,7 +245,11 @@ class BatcherService:
             self._wake.set()
 
     async def _reject(self, reply: str, rid: str, error: int, message: str, *, retry_after_ms: int = 0,
-                      field: str = "") -> None:
+                      field: str = "", reason: str = "", span=None) -> None:
+        reason = reason or _REJECT_REASONS.get(error, "internal")
+        self.metrics.reject(reason)
+        if span is not None:
+            self._spans.rejected(span, reason, message)
         chunk = bus_pb2.TokenChunk(request_id=rid, error=error, error_message=message,
                                    retry_after_ms=retry_after_ms, error_field=field)
         await self.nc.publish(reply, chunk.SerializeToString())
@@ -224,11 +276,14 @@ class BatcherService:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            trace = self._spans.step_context(plan) if self._spans is not None and self._spans.reqs else None
+            t_step = time.perf_counter()
             try:
-                result = await self.remote.execute(plan)
+                result = await self.remote.execute(plan, trace)
             except WorkerLostError as e:
                 await self._on_worker_lost(str(e))
                 continue
+            self.metrics.step(time.perf_counter() - t_step, plan.num_tokens)
             outputs = core.process(result)
             if outputs:
                 await self._publish_outputs(outputs)
@@ -241,14 +296,22 @@ class BatcherService:
         for rid in aborts:
             if self._reply.pop(rid, None) is not None:
                 self.core.abort(rid)
+                self._priority.pop(rid, None)
+                self._cost_base.pop(rid, None)
+                if self._spans is not None:
+                    self._spans.abort(rid)
 
     async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
         publish = self.nc.publish
         reply = self._reply
+        cost = self.metrics.cost
+        spans = self._spans if self._spans is not None and self._spans.reqs else None
         for o in outputs:
             subject = reply.get(o.request_id)
             if subject is None:
                 continue
+            if o.num_output_tokens == 1:   # its first token: the cost share starts here
+                self._cost_base[o.request_id] = cost.first_token_base(o.num_prompt_tokens - o.num_cached_tokens)
             chunk = bus_pb2.TokenChunk(request_id=o.request_id, token_ids=o.new_token_ids, text=o.new_text)
             if o.logprobs:
                 chunk.logprobs.extend(o.logprobs)
@@ -263,6 +326,14 @@ class BatcherService:
                 u.prefill_ms = o.prefill_ms
                 u.decode_ms = o.decode_ms
                 u.worker_id = self.worker_id
+                base = self._cost_base.pop(o.request_id, None)
+                u.cost_usd = cost.integral - base if base is not None else 0.0
+                self.metrics.request_finished(self._priority.pop(o.request_id, 0), o.finish_reason, o.queue_ms,
+                                              o.prefill_ms, o.decode_ms)
+                if spans is not None:
+                    spans.output(o, u.cost_usd)
+            elif spans is not None:
+                spans.output(o)
             await publish(subject, chunk.SerializeToString())
 
     async def _flush_kv_events(self) -> None:
@@ -281,9 +352,13 @@ class BatcherService:
         await self._publish_heartbeat()
         for rid, reply in list(self._reply.items()):
             await self._reject(reply, rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
-                               f"worker {self.worker_id} failed mid-request ({why}); retry")
+                               f"worker {self.worker_id} failed mid-request ({why}); retry", reason="worker_lost")
         self._reply.clear()
         self._aborts.clear()
+        self._priority.clear()
+        self._cost_base.clear()
+        if self._spans is not None:
+            self._spans.fail_all(f"worker lost: {why}")
         self._kv_events = [KvEvent(CLEARED, [], block_size=self.info.block_size if self.info else 0)]
         await self._flush_kv_events()
 
@@ -305,13 +380,14 @@ class BatcherService:
 
     def heartbeat(self) -> bus_pb2.Heartbeat:
         self._hb_seq += 1
-        hb = bus_pb2.Heartbeat(worker_id=self.worker_id, model=self.model, healthy=self.healthy,
+        hb = bus_pb2.Heartbeat(worker_id=self.worker_id, model=self.model, healthy=self.healthy and not self.unloaded,
                                draining=self.draining, seq=self._hb_seq,
                                interval_ms=int(self.cfg.heartbeat_interval_s * 1000))
         if self.info is not None:
             hb.block_size = self.info.block_size
             hb.max_model_len = self.info.max_model_len
             hb.num_blocks = self.info.num_blocks
+            hb.adapters.extend(self.info.adapters)
         if self.core is not None:
             s = self.core.stats()
             hb.num_running = s.num_running
@@ -323,7 +399,14 @@ class BatcherService:
             hb.num_preemptions = s.num_preemptions
             hb.prompt_tokens_total = s.prompt_tokens_total
             hb.generation_tokens_total = s.generation_tokens_total
+            self.metrics.update_from_stats(s)
         return hb
+
+    def _check_adapter(self, adapter_id: str) -> None:
+        names = list(self.info.adapters) if self.info is not None else []
+        if adapter_id not in names:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not served by worker {self.worker_id}; "
+                                      f"known adapters: {', '.join(sorted(names)) or 'none'}")
 
     async def _publish_heartbeat(self) -> None:
         await self.nc.publish(subjects.heartbeat(self.worker_id), self.heartbeat().SerializeToString())

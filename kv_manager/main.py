@@ -18,10 +18,15 @@ async def serve(args) -> None:
     from kv_manager.service import KvIndexService
     from protos.switchyard.v1 import kv_index_pb2_grpc
 
+    from telemetry import metrics, tracing
+
     cfg = load_config(args.config)
+    tracing.setup_from_config("kv_manager", cfg)   # before any server/channel: interceptors
+    kv_metrics = metrics.KvIndexMetrics()
+    metrics.serve(args.metrics_port, args.host or cfg.host)
     nc = await nats.connect(args.nats or cfg.nats_url, name="kv_manager",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    svc = KvIndexService(cfg.worker_timeout_s)
+    svc = KvIndexService(cfg.worker_timeout_s, metrics=kv_metrics)
     await svc.start(nc)
     srv = rpc.server(cfg.max_message_bytes)
     kv_index_pb2_grpc.add_KvIndexServicer_to_server(svc, srv)
@@ -39,6 +44,7 @@ async def serve(args) -> None:
     await srv.stop(grace=1.0)
     await svc.stop()
     await nc.drain()
+    tracing.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default=None)
     ap.add_argument("--nats", default=None)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s kv_manager %(levelname)s %(message)s")
     asyncio.run(serve(args))

@@ -26,7 +26,13 @@ class WorkerState:
 
 
 class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
-    def __init__(self, worker_timeout_s: float = 3.0):
+    def __init__(self, worker_timeout_s: float = 3.0, metrics=None):
+        if metrics is None:  # not served: a private registry
+            from prometheus_client import CollectorRegistry
+
+            from telemetry.metrics import KvIndexMetrics
+            metrics = KvIndexMetrics(CollectorRegistry())
+        self.metrics = metrics
         self.index = KvIndex()
         self.workers: dict[str, WorkerState] = {}
         self.worker_timeout_s = worker_timeout_s
@@ -69,6 +75,13 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         while True:
             await asyncio.sleep(0.25)
             self.reap()
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.workers.set(len(self.workers))
+        for wid in self.workers:
+            m.blocks.labels(wid).set(self.index.num_blocks(wid))
 
     def reap(self, now: float | None = None) -> list[str]:
         """Drop workers silent for longer than the timeout; returns their ids."""
@@ -77,6 +90,10 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         for w in gone:
             del self.workers[w]
             self.index.remove_worker(w)
+            try:
+                self.metrics.blocks.remove(w)
+            except KeyError:
+                pass
             self._kv_seq.pop(w, None)
         return gone
 
@@ -86,12 +103,15 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
 
     # ---- gRPC --------------------------------------------------------------------------------
     async def Match(self, request: kv_index_pb2.MatchRequest, context) -> kv_index_pb2.MatchResponse:
+        t0 = time.perf_counter()
+        self.metrics.matches.labels(request.model).inc()
         matched = self.index.match(list(request.block_hashes)) if request.block_hashes else {}
         resp = kv_index_pb2.MatchResponse()
         for st in self.live_workers(request.model):
             hb = st.heartbeat
             resp.workers.add(worker_id=hb.worker_id, matched_blocks=matched.get(hb.worker_id, 0),
                              num_running=hb.num_running, num_waiting=hb.num_waiting, kv_usage=hb.kv_usage)
+        self.metrics.match_time.observe(time.perf_counter() - t0)
         return resp
 
     async def Status(self, request: kv_index_pb2.StatusRequest, context) -> kv_index_pb2.StatusResponse:

@@ -18,11 +18,16 @@ async def serve(args) -> None:
     from protos.switchyard.v1 import inference_pb2_grpc
     from router.service import Router
 
+    from telemetry import metrics, tracing
+
     cfg = load_config(args.config, model=args.model)
+    tracing.setup_from_config("router", cfg)   # before any server/channel: interceptors
+    router_metrics = metrics.RouterMetrics()
+    metrics.serve(args.metrics_port, args.host or cfg.host)
     nc = await nats.connect(args.nats or cfg.nats_url, name="router",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     kv_channel = rpc.channel(args.kv_manager or cfg.kv_manager_address, cfg.max_message_bytes)
-    router = Router(cfg, nc, kv_channel)
+    router = Router(cfg, nc, kv_channel, metrics=router_metrics)
     srv = rpc.server(cfg.max_message_bytes)
     inference_pb2_grpc.add_InferenceServicer_to_server(router, srv)
     inference_pb2_grpc.add_AdminServicer_to_server(router, srv)
@@ -45,6 +50,7 @@ async def serve(args) -> None:
     await router.stop()
     await kv_channel.close()
     await nc.drain()
+    tracing.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-manager", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s router %(levelname)s %(message)s")
     asyncio.run(serve(args))

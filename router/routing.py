@@ -1,5 +1,10 @@
 """Worker choice: DESIGN.md's cost = overlap_weight * uncached_prefill_blocks + decode_load.
 
+That is the default policy, "kv". StackConfig.routing_policy also offers the two baselines the
+routing benchmark (`switchyard bench compare --routing`) measures it against:
+"least_loaded" (lowest load, prefix overlap ignored) and "round_robin" (each model's routable
+workers in turn, in worker-id order).
+
 Candidates come from batcher heartbeats (a worker silent for `timeout_s` is dropped). Load is the
 larger of what the worker last reported and what this router has in flight on it: heartbeats are
 up to an interval old, and a burst of requests must spread before the next one arrives.
@@ -44,12 +49,53 @@ def cost(c: Candidate, prompt_blocks: int, overlap_weight: float = 1.0, load_wei
     return overlap_weight * uncached + load_weight * c.load
 
 
+KV, LEAST_LOADED, ROUND_ROBIN = "kv", "least_loaded", "round_robin"
+POLICIES = (KV, LEAST_LOADED, ROUND_ROBIN)
+
+
+def normalize_policy(name: str) -> str:
+    """'round-robin' / 'Round_Robin' -> 'round_robin'; 'kv-aware' -> 'kv'."""
+    n = str(name).strip().lower().replace("-", "_")
+    return KV if n in ("kv_aware", "kv_locality") else n
+
+
+class RoundRobin:
+    """Per candidate set, the next index to hand out."""
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[str, ...], int] = {}
+
+    def pick(self, candidates: list[Candidate]) -> Candidate:
+        ordered = sorted(candidates, key=lambda c: c.worker_id)
+        key = tuple(c.worker_id for c in ordered)
+        i = self._next.get(key, 0)
+        self._next[key] = (i + 1) % len(ordered)
+        return ordered[i % len(ordered)]
+
+
+_ROUND_ROBIN = RoundRobin()   # one router process, one rotation
+
+
+def needs_kv_match(policy: str) -> bool:
+    """Only the kv policy uses KvIndex/Match (the others skip the round trip)."""
+    return normalize_policy(policy) == KV
+
+
 def choose(candidates: list[Candidate], prompt_blocks: int, overlap_weight: float = 1.0,
-           load_weight: float = 1.0) -> Candidate:
-    """Lowest cost; ties go to the lower load, then the lower worker id (deterministic)."""
+           load_weight: float = 1.0, policy: str = KV, rr: RoundRobin | None = None) -> Candidate:
+    """kv: lowest cost; ties go to the lower load, then the lower worker id (deterministic).
+    least_loaded: lowest load, then lower worker id. round_robin: the next worker in turn."""
     if not candidates:
         raise ValueError("no candidates")
-    return min(candidates, key=lambda c: (cost(c, prompt_blocks, overlap_weight, load_weight), c.load, c.worker_id))
+    policy = normalize_policy(policy)
+    if policy == KV:
+        return min(candidates,
+                   key=lambda c: (cost(c, prompt_blocks, overlap_weight, load_weight), c.load, c.worker_id))
+    if policy == LEAST_LOADED:
+        return min(candidates, key=lambda c: (c.load, c.worker_id))
+    if policy == ROUND_ROBIN:
+        return (rr or _ROUND_ROBIN).pick(candidates)
+    raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
 @dataclass

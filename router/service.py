@@ -22,6 +22,8 @@ from router import routing
 from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
 from services import subjects
 from services.config import StackConfig
+from telemetry import propagation, tracing
+from telemetry.metrics import RouterMetrics
 from workers.step_codec import sampling_to_proto
 
 log = logging.getLogger("switchyard.router")
@@ -31,7 +33,9 @@ _ERROR_CODES = {
     bus_pb2.CHUNK_ERROR_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     bus_pb2.CHUNK_ERROR_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
+    bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
 }
+_FINISH_NAMES = {1: "stop", 2: "length", 3: "abort"}   # common.proto FinishReason
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 
 
@@ -43,8 +47,13 @@ class _WorkerGone:
 
 
 class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServicer):
-    def __init__(self, cfg: StackConfig, nc, kv_channel: grpc.aio.Channel | None, tokenizer_loader=None):
+    def __init__(self, cfg: StackConfig, nc, kv_channel: grpc.aio.Channel | None, tokenizer_loader=None,
+                 metrics: RouterMetrics | None = None):
         self.cfg = cfg
+        if metrics is None:  # not served: a private registry (several routers may share a process)
+            from prometheus_client import CollectorRegistry
+            metrics = RouterMetrics(CollectorRegistry())
+        self.metrics = metrics
         self.nc = nc
         self.kv = kv_index_pb2_grpc.KvIndexStub(kv_channel) if kv_channel is not None else None
         self.table = routing.WorkerTable(cfg.worker_timeout_s)
@@ -54,16 +63,23 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self._streams: dict[str, tuple[str, asyncio.Queue]] = {}   # request id -> (worker id, queue)
         self._tasks: list[asyncio.Task] = []
         self._subs = []
+        self.pool_routing = None   # router/catalog_routing.PoolRouting with a model pool
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         await self.tokenizer(self.cfg.model)  # load before SERVING: the first request must not pay it
         self._subs.append(await self.nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="router-expire"))
+        if self.cfg.pool_config:   # a model pool: model selection in router/catalog_routing.py
+            from router.catalog_routing import PoolRouting
+            self.pool_routing = PoolRouting(self)
+            await self.pool_routing.start()
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.pool_routing is not None:
+            await self.pool_routing.stop()
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -118,16 +134,25 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 q.put_nowait(_WorkerGone(message))
 
     # ---- routing -------------------------------------------------------------------------------
-    async def _pick_worker(self, model: str, token_ids: list[int]) -> str:
+    def known_adapters(self) -> set[str]:
+        """LoRA adapter names some routable worker advertises in its heartbeat."""
+        return {a for ws in self.table.models().values() for w in ws for a in w.heartbeat.adapters}
+
+    async def _pick_worker(self, model: str, token_ids: list[int], adapter_id: str | None = None) -> str:
         views = self.table.routable(model)
         if not views:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no healthy worker serves model {model!r} right now; retry")
+        if adapter_id:   # only workers serving the adapter; KV hashes are per adapter
+            views = [w for w in views if adapter_id in w.heartbeat.adapters]
+            if not views:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"adapter {adapter_id!r} is not served for model {model!r}", "adapter_id")
         if len(views) == 1:
             return views[0].worker_id  # no choice to make: skip the KV index round trip
         block_size = views[0].heartbeat.block_size or self.cfg.block_size
         matched: dict[str, int] = {}
-        hashes = block_hashes(token_ids, block_size)
-        if hashes and self.kv is not None:
+        hashes = block_hashes(token_ids, block_size, adapter_id)
+        if hashes and self.kv is not None and routing.needs_kv_match(self.cfg.routing_policy):
             try:
                 resp = await self.kv.Match(kv_index_pb2.MatchRequest(model=model, block_hashes=hashes),
                                            timeout=MATCH_TIMEOUT_S)
@@ -135,7 +160,14 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             except grpc.aio.AioRpcError as e:
                 log.debug("KvIndex/Match failed (%s): routing on load only", e.code())
         cands = self.table.candidates(model, matched)
-        return routing.choose(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight).worker_id
+        if adapter_id:
+            cands = [c for c in cands if any(c.worker_id == w.worker_id for w in views)]
+        if self.pool_routing is not None:   # bounded imbalance between a pool model's replicas
+            from router.catalog_routing import choose_bounded
+            return choose_bounded(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
+                                  self.cfg.routing_policy, self.pool_routing.catalog.pool.max_imbalance).worker_id
+        return routing.choose(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
+                              policy=self.cfg.routing_policy).worker_id
 
     def _max_model_len(self, model: str) -> int:
         lens = [w.heartbeat.max_model_len for w in self.table.routable(model) if w.heartbeat.max_model_len]
@@ -148,20 +180,40 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     # ---- Inference -----------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        t0 = time.perf_counter()
         if self.draining:
+            self.metrics.errors.labels(request.model, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; retry on another replica")
+        if self.pool_routing is not None:   # pick the model (name / capabilities / intent); may load it
+            try:
+                request = await self.pool_routing.route(request, context)
+            except RequestError as e:
+                self.metrics.errors.labels(request.model, e.code.name).inc()
+                await context.abort(e.code, e.message)
+                return
         try:
-            v = validate_generate(request, self.known_models(), self.cfg.model)
-            if v.request_id in self._streams:
-                raise invalid("request_id", f"{v.request_id!r} is already in flight")
-            token_ids = await self._encode(v.model, v.prompt, v.messages)
+            with tracing.span(tracing.ROUTER_VALIDATE):
+                v = validate_generate(request, self.known_models(), self.cfg.model, adapters=self.known_adapters())
+                if v.request_id in self._streams:
+                    raise invalid("request_id", f"{v.request_id!r} is already in flight")
+            with tracing.span(tracing.ROUTER_TOKENIZE):
+                token_ids = await self._encode(v.model, v.prompt, v.messages)
             if not token_ids:
                 raise invalid("prompt", "tokenizes to zero tokens")
             check_prompt_length(len(token_ids), self._max_model_len(v.model))
-            worker_id = await self._pick_worker(v.model, token_ids)
+            with tracing.span(tracing.ROUTER_ROUTE):
+                worker_id = await self._pick_worker(v.model, token_ids, v.adapter_id)
         except RequestError as e:
+            self.metrics.errors.labels(request.model, e.code.name).inc()
             await context.abort(e.code, e.message)
             return
+        timer = self.metrics.request(v.model, worker_id, v.priority).start_at(t0)
+        gen_span = tracing.current_span() if tracing.ENABLED else None
+        if gen_span is not None:
+            gen_span.set_attributes({"gen_ai.operation.name": "text_completion", "gen_ai.request.model": v.model,
+                                     "gen_ai.request.max_tokens": v.sampling.max_tokens,
+                                     "gen_ai.usage.input_tokens": len(token_ids), "switchyard.request_id": v.request_id,
+                                     "switchyard.worker_id": worker_id, "switchyard.priority": v.priority})
 
         rid = v.request_id
         reply = subjects.tokens(rid)
@@ -178,44 +230,79 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             view.in_flight += 1
         finished = False
         first = True
+        error_code = ""
+        reroutes = 0
+        self.metrics.in_flight.inc()
         try:
             breq = bus_pb2.BatchRequest(request_id=rid, prompt_token_ids=token_ids, priority=v.priority,
-                                        reply_subject=reply)
+                                        reply_subject=reply, adapter_id=v.adapter_id or "")
             sampling_to_proto(v.sampling, breq.sampling)
+            breq.prompt_text = v.prompt   # pass-through backends (Triton, TensorRT-LLM) take text
             remaining = context.time_remaining()
             if remaining is not None:
                 breq.deadline_unix_ms = int((time.time() + remaining) * 1000)
-            traceparent = _metadata(context, "traceparent")
-            if traceparent:
-                breq.traceparent = traceparent
-            await self.nc.publish(subjects.request(worker_id), breq.SerializeToString(),
-                                  headers={"traceparent": traceparent} if traceparent else None)
+            await self._publish_request(worker_id, breq, context)
             while True:
                 item = await queue.get()
                 if isinstance(item, _WorkerGone):
                     finished = True  # nothing left to cancel
+                    error_code = "UNAVAILABLE"
                     await context.abort(grpc.StatusCode.UNAVAILABLE, item.message)
                 chunk = bus_pb2.TokenChunk.FromString(item)
+                if (chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and first and reroutes < 3
+                        and self.pool_routing is not None):
+                    # Refused before any token (its replica is being unloaded / swapped): go elsewhere.
+                    new_worker = await self.pool_routing.reroute(v.model, token_ids, worker_id, context)
+                    if new_worker is not None:
+                        reroutes += 1
+                        if view is not None:
+                            view.in_flight = max(0, view.in_flight - 1)
+                        worker_id = new_worker
+                        self._streams[rid] = (worker_id, queue)
+                        view = self.table.workers.get(worker_id)
+                        if view is not None:
+                            view.in_flight += 1
+                        await self._publish_request(worker_id, breq, context)
+                        continue
                 if chunk.error:
                     finished = True  # rejected or failed: the batcher holds nothing
                     code = _ERROR_CODES.get(chunk.error, grpc.StatusCode.INTERNAL)
+                    error_code = code.name
                     trailers = (("retry-after-ms", str(chunk.retry_after_ms or 100)),) \
                         if code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
                     await context.abort(code, chunk.error_message, trailing_metadata=trailers)
                 resp = inference_pb2.GenerateResponse(request_id=rid, text=chunk.text, token_ids=chunk.token_ids,
                                                       logprobs=chunk.logprobs)
+                timer.chunk()
                 if first:
                     resp.worker_id = worker_id
                     first = False
+                    if gen_span is not None:
+                        gen_span.add_event(tracing.FIRST_TOKEN_EVENT)
                 if chunk.finish_reason:
                     finished = True
                     resp.finish_reason = chunk.finish_reason
                     resp.usage.CopyFrom(chunk.usage)
+                    reason = _FINISH_NAMES.get(chunk.finish_reason, "unknown")
+                    timer.finish(reason, chunk.usage.completion_tokens)
+                    if gen_span is not None:
+                        u = chunk.usage
+                        gen_span.set_attributes({"gen_ai.usage.output_tokens": u.completion_tokens,
+                                                 "gen_ai.response.finish_reasons": (reason,),
+                                                 "switchyard.cached_tokens": u.cached_tokens,
+                                                 "switchyard.cost_usd": u.cost_usd})
                     yield resp
                     return
                 yield resp
         finally:
             # Runs on normal end, abort, client cancel and deadline (the handler task is cancelled).
+            self.metrics.in_flight.dec()
+            if error_code:
+                self.metrics.errors.labels(v.model, error_code).inc()
+            elif not finished:
+                remaining = context.time_remaining()
+                self.metrics.errors.labels(v.model, "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                                           else "CANCELLED").inc()
             if view is not None:
                 view.in_flight = max(0, view.in_flight - 1)
             self._streams.pop(rid, None)
@@ -229,13 +316,40 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             except Exception:
                 pass
 
+    async def _publish_request(self, worker_id: str, breq: bus_pb2.BatchRequest, context) -> None:
+        """Publish on sy.req.<worker> with the trace context (a NATS PRODUCER span when tracing)."""
+        subject = subjects.request(worker_id)
+        if not tracing.ENABLED:
+            # No tracing here: still pass a client's traceparent on, for tracing further down.
+            traceparent = _metadata(context, "traceparent")
+            if traceparent:
+                breq.traceparent = traceparent
+            await self.nc.publish(subject, breq.SerializeToString(),
+                                  headers={"traceparent": traceparent} if traceparent else None)
+            return
+        from opentelemetry.trace import SpanKind
+        with tracing.tracer.start_as_current_span(tracing.ROUTER_PUBLISH, kind=SpanKind.PRODUCER, attributes={
+                "messaging.system": "nats", "messaging.operation.type": "send",
+                "messaging.destination.name": subject, "messaging.message.id": breq.request_id}) as span:
+            headers = propagation.nats_headers(span)
+            if headers:
+                breq.traceparent = headers[propagation.TRACEPARENT]
+            await self.nc.publish(subject, breq.SerializeToString(), headers=headers)
+
     async def ListModels(self, request, context) -> inference_pb2.ListModelsResponse:
+        if self.pool_routing is not None:   # the pool knows every catalogue model, loaded or not
+            try:
+                return await self.pool_routing.list_models()
+            except RequestError as e:
+                await context.abort(e.code, e.message)
         by_model = self.table.models()
         resp = inference_pb2.ListModelsResponse()
         for name in self.known_models():
             ws = by_model.get(name, [])
             resp.models.add(name=name, num_workers=len(ws),
-                            max_model_len=min((w.heartbeat.max_model_len for w in ws), default=0))
+                            max_model_len=min((w.heartbeat.max_model_len for w in ws), default=0),
+                            state="ready" if ws else "unloaded", replicas=len(ws), desired_replicas=len(ws),
+                            queue_depth=sum(w.reported_load for w in ws), workers=sorted(w.worker_id for w in ws))
         return resp
 
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context) -> inference_pb2.TokenizeResponse:
@@ -250,6 +364,24 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         return inference_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
     # ---- Admin ---------------------------------------------------------------------------------
+    async def LoadModel(self, request, context):
+        return await self._pool_admin("LoadModel", request, context)
+
+    async def UnloadModel(self, request, context):
+        return await self._pool_admin("UnloadModel", request, context)
+
+    async def _pool_admin(self, method: str, request, context):
+        """Admin token check, then forward to the launcher's model pool (services/pool.py)."""
+        from router.admin_auth import check_admin
+        try:
+            check_admin(context, self.cfg)
+            if self.pool_routing is None:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "no model pool here: start the stack with `switchyard up --pool switchyard.toml`")
+            return await self.pool_routing.admin(method, request, context)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
     async def Status(self, request, context) -> kv_index_pb2.StatusResponse:
         """The workers as this router sees them, plus the KV index's block counts (best effort)."""
         from kv_manager.service import status_from_heartbeat

@@ -86,7 +86,7 @@ def check_sampling(pb) -> SamplingParams:
 
 
 def validate_generate(req: inference_pb2.GenerateRequest, known_models: list[str],
-                      default_model: str) -> ValidRequest:
+                      default_model: str, adapters=()) -> ValidRequest:
     """Field checks that need no tokenizer. Raises RequestError."""
     model = resolve_model(req.model, req.intent, known_models, default_model)
     messages = check_input(req.prompt, req.messages)
@@ -102,11 +102,12 @@ def validate_generate(req: inference_pb2.GenerateRequest, known_models: list[str
         rid = req.request_id
     else:
         rid = uuid.uuid4().hex
-    if req.adapter_id:
-        # No adapters are loaded by any worker yet: unknown by definition.
-        raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {req.adapter_id!r} is not loaded on any worker",
-                           "adapter_id")
-    return ValidRequest(rid, model, req.prompt, messages, sampling, req.priority, None)
+    if req.adapter_id and req.adapter_id not in adapters:
+        # `adapters`: the LoRA adapters routable workers advertise in their heartbeats.
+        raise RequestError(grpc.StatusCode.NOT_FOUND,
+                           f"adapter {req.adapter_id!r} is not loaded on any worker; known adapters: "
+                           f"{', '.join(sorted(adapters)) or 'none'}", "adapter_id")
+    return ValidRequest(rid, model, req.prompt, messages, sampling, req.priority, req.adapter_id or None)
 
 
 def check_prompt_length(num_tokens: int, max_model_len: int) -> None:

@@ -24,7 +24,12 @@ def cmd_up(args) -> int:
     from services.launcher import run_up
     from services.ports import PortInUseError
     try:
-        cfg = load_config(args.config, workers=args.workers, router_port=args.port, model=args.model)
+        cfg = load_config(args.config, triton_port=args.triton_port,
+                          workers=args.workers, router_port=args.port, model=args.model,
+                          trace_file=os.path.abspath(args.trace_file) if args.trace_file else None,
+                          otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
+                          gpu_usd_per_hour=args.gpu_usd_per_hour,
+                          pool_config=os.path.abspath(args.pool) if args.pool else None)
         return run_up(cfg, args.workdir, demo=args.demo)
     except (PortInUseError, ValueError, FileNotFoundError) as e:
         print(f"switchyard up: {e}", file=sys.stderr)
@@ -44,7 +49,16 @@ def status_dict(router: str, timeout: float = 5.0) -> dict:
     from protos.switchyard.v1 import inference_pb2_grpc, kv_index_pb2
     with _channel(router) as ch:
         st = inference_pb2_grpc.AdminStub(ch).Status(kv_index_pb2.StatusRequest(), timeout=timeout)
-    return MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    # Metrics endpoints come from the launcher's state file (the router does not know them).
+    from services.launcher import state_pointer
+    try:
+        state = json.loads(state_pointer(router).read_text())
+        d["metrics"] = state.get("metrics", {})
+        d["trace_file"] = state.get("trace_file", "")
+    except (OSError, ValueError):
+        pass
+    return d
 
 
 def cmd_status(args) -> int:
@@ -66,12 +80,31 @@ def cmd_status(args) -> int:
               f"{100 * w['prefix_cache_hit_rate']:>8.1f}% {w['router_in_flight']:>9}")
     if not st["workers"]:
         print("(no workers)")
+    from services.pool_cli import print_models_table
+    print_models_table(args.router, header=True)
     return 0
+
+
+def cmd_trace(args) -> int:
+    from telemetry.breakdown import main as breakdown_main
+    return breakdown_main([args.path] + (["--json"] if args.json else []))
 
 
 def cmd_bench(args, rest: list[str]) -> int:
     if args.what == "overhead":
         from bench.overhead import main as bench_main
+    elif args.what == "triton":
+        from bench.triton_overhead import main as bench_main
+    elif args.what == "tracing":
+        from bench.tracing_overhead import main as bench_main
+    elif args.what == "serve":
+        from bench.serve import main as bench_main
+    elif args.what == "pool":
+        from bench.pool_bench import main as bench_main
+    elif args.what == "compare":
+        from bench.compare import main as bench_main
+    elif args.what == "lora":
+        from bench.lora_bench import main as bench_main
     else:
         from bench.engine_bench import main as bench_main  # written beside the engine; imported lazily
     return bench_main(rest) or 0
@@ -87,8 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=None, help="batcher+worker pairs (default 1)")
     up.add_argument("--model", default=None, help="model name (default smollm2-135m)")
     up.add_argument("--workdir", default=None, help="logs, nats store and stack.json (default: a temp dir)")
+    up.add_argument("--triton-port", type=int, default=None, metavar="P",
+                    help="also serve the Triton/KServe v2 gRPC protocol on port P (0 = any free), for tritonclient")
     up.add_argument("--demo", metavar="PROMPT", default=None,
                     help="once ready, stream a chat completion of PROMPT from the default model")
+    up.add_argument("--trace-file", default=None, metavar="PATH",
+                    help="also write every finished span as OTLP JSON lines to PATH (see `switchyard trace`)")
+    up.add_argument("--otlp-endpoint", default=None, metavar="URL",
+                    help="export spans over OTLP gRPC, e.g. http://localhost:4317 (Jaeger); "
+                         "default $OTEL_EXPORTER_OTLP_ENDPOINT")
+    up.add_argument("--trace-sample-ratio", type=float, default=None,
+                    help="fraction of new traces sampled (parent-based; default 1.0)")
+    up.add_argument("--pool", default=None, metavar="TOML",
+                    help="serve a pool of models from a catalogue (switchyard.toml; see examples/pool.toml)")
+    up.add_argument("--gpu-usd-per-hour", type=float, default=None,
+                    help="USD per GPU-hour of each worker for the cost metrics (config gpu_usd_per_hour)")
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")
@@ -105,8 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--router", default=default_router())
 
-    b = sub.add_parser("bench", help="benchmarks: overhead (platform vs bare engine) or engine")
-    b.add_argument("what", choices=["overhead", "engine"])
+    from services.pool_cli import add_parsers as add_pool_parsers
+    add_pool_parsers(sub, default_router())
+
+    tr = sub.add_parser("trace", help="read a --trace-file")
+    trsub = tr.add_subparsers(dest="trace_cmd", required=True)
+    bd = trsub.add_parser("breakdown", help="per-component p50/p90/p99 and share of TTFT and end-to-end time")
+    bd.add_argument("path")
+    bd.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks: overhead (platform vs bare engine), engine, tracing, "
+                                     "serve (load test: latency percentiles, goodput, cost), compare")
+    b.add_argument("what", choices=["overhead", "engine", "tracing", "serve", "compare", "triton", "pool", "lora"])
     return ap
 
 
@@ -118,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = ap.parse_known_args(argv[:2])
         return cmd_bench(args, argv[2:])
     args = ap.parse_args(argv)
-    return {"up": cmd_up, "generate": cmd_generate, "status": cmd_status}[args.cmd](args)
+    if args.cmd in ("models", "admin"):
+        return args.func(args)
+    return {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "trace": cmd_trace}[args.cmd](args)
 
 
 if __name__ == "__main__":

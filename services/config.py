@@ -34,7 +34,21 @@ class StackConfig:
     max_model_len: int | None = None
     max_waiting: int = 256
     enable_prefix_caching: bool = True
+    torch_threads: int | None = None     # per worker; None: the machine's cores / workers
+    # LoRA adapters served on the base model by every worker: name -> PEFT folder (adapter_config.json +
+    # adapter_model.safetensors); requests pick one with GenerateRequest.adapter_id
+    lora_adapters: dict | None = None
+    max_loras: int = 4                   # adapter slots per worker (distinct adapters in one batch)
+    max_lora_rank: int = 16
+    # external engines (workers/backends/): "switchyard" runs our engine; "triton" / "tensorrt-llm"
+    # run a pass-through batcher per worker (batcher/passthrough.py) that relays to that engine
+    backend: str = "switchyard"          # switchyard | triton | tensorrt-llm
+    backend_url: str = ""                # triton: host:port of its gRPC endpoint
+    backend_model: str = ""              # the model's name on the backend (default: model)
+    backend_max_concurrency: int = 8     # requests relayed at once per worker; the rest wait by priority
+    triton_port: int | None = None       # also serve the Triton gRPC protocol here (0: a free port)
     # routing
+    routing_policy: str = "kv"           # kv (prefix overlap + load) | least_loaded | round_robin
     overlap_weight: float = 1.0
     load_weight: float = 1.0
     # liveness and shutdown
@@ -45,6 +59,24 @@ class StackConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     nats_max_payload: int = NATS_MAX_PAYLOAD
     log_level: str = "warning"
+    # telemetry (telemetry/): tracing is off unless an OTLP endpoint or a trace file is set
+    otlp_endpoint: str = ""              # e.g. http://localhost:4317 (else OTEL_EXPORTER_OTLP_ENDPOINT)
+    trace_file: str = ""                 # OTLP JSON lines (`switchyard up --trace-file`)
+    trace_sample_ratio: float = 1.0      # parent-based: a sampled client trace is always continued
+    gpu_usd_per_hour: float = 2.50       # USD per GPU-hour of a worker (cost metrics, Usage.cost_usd, bench serve)
+    gpu_usd_per_hour_by_worker: dict | None = None   # worker id -> USD/h, overrides gpu_usd_per_hour
+    # model pool (services/pool.py): a switchyard.toml catalogue; "" = one model (`model`) as before
+    pool_config: str = ""
+    pool_control_port: int = 0           # the launcher's internal switchyard.v1.Pool service (0: a free port)
+    pool_load_wait_s: float = 180.0      # a request for an unloaded model waits this long (or its deadline)
+    admin_tokens: list | None = None     # `authorization: Bearer <t>` for Admin/LoadModel, UnloadModel
+    tokens: list | None = None           # non-admin tokens (PERMISSION_DENIED on admin calls)
+
+    def __post_init__(self) -> None:
+        from router.routing import POLICIES, normalize_policy
+        self.routing_policy = normalize_policy(self.routing_policy)
+        if self.routing_policy not in POLICIES:
+            raise ValueError(f"routing_policy {self.routing_policy!r}: choose one of {', '.join(POLICIES)}")
 
     @property
     def nats_url(self) -> str:

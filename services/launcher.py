@@ -38,6 +38,12 @@ class Stack:
         self.workers: list[proc.Child] = []
         self.batchers: list[proc.Child] = []
         self.worker_ports: list[int] = []
+        self.metrics_ports: dict[str, int] = {}   # child name -> its /metrics port (free ones)
+        self.triton_front: proc.Child | None = None   # `--triton-port`: services/triton_front.py
+        self.pool = None                               # services/pool.PoolManager when cfg.pool_config
+        if self.cfg.pool_config:
+            from services.pool_setup import make_pool
+            self.cfg, self.config_path, self.pool = make_pool(self)
 
     @staticmethod
     def _resolve_ports(cfg: StackConfig) -> StackConfig:
@@ -45,11 +51,14 @@ class Stack:
         h = cfg.host
         pick = lambda p, what: free_port(h) if p == 0 else check_free(p, what, h)  # noqa: E731
         return replace(cfg, router_port=pick(cfg.router_port, "router"), nats_port=pick(cfg.nats_port, "nats"),
-                       kv_manager_port=pick(cfg.kv_manager_port, "kv_manager"))
+                       kv_manager_port=pick(cfg.kv_manager_port, "kv_manager"),
+                       triton_port=None if cfg.triton_port is None else pick(cfg.triton_port, "triton"))
 
     @property
     def children(self) -> list[proc.Child]:
-        return [c for c in [self.nats, self.kv_manager, *self.workers, *self.batchers, self.router] if c]
+        pool = self.pool.children() if self.pool is not None else []
+        return [c for c in [self.nats, self.kv_manager, *self.workers, *self.batchers, *pool, self.router,
+                            self.triton_front] if c]
 
     @property
     def router_address(self) -> str:
@@ -59,31 +68,66 @@ class Stack:
         return f"w{i}"
 
     # ---- start ---------------------------------------------------------------------------------
+    def _metrics_args(self, name: str) -> list[str]:
+        port = self.metrics_ports[name] = free_port(self.cfg.host)
+        return ["--metrics-port", str(port)]
+
     def start(self) -> "Stack":
         cfg, conf = self.cfg, str(self.config_path)
         try:
             self.nats = nats_server.start(cfg.host, cfg.nats_port, self.workdir, cfg.nats_max_payload, self.log_dir)
             self.kv_manager = proc.spawn("kv_manager", proc.python_module(
-                "kv_manager.main", "--config", conf, "--port", str(cfg.kv_manager_port)), self.log_dir)
-            for i in range(cfg.workers):
+                "kv_manager.main", "--config", conf, "--port", str(cfg.kv_manager_port),
+                *self._metrics_args("kv_manager")), self.log_dir)
+            for i in range(cfg.workers if cfg.backend == "switchyard" else 0):  # else: pass-through below
                 port = free_port(cfg.host) if cfg.worker_base_port == 0 else check_free(
                     cfg.worker_base_port + i, f"worker {i}", cfg.host)
                 self.worker_ports.append(port)
                 self.workers.append(proc.spawn(f"worker-{self.worker_id(i)}", proc.python_module(
-                    "workers.main", "--config", conf, "--port", str(port), "--worker-id", self.worker_id(i)),
-                    self.log_dir))
+                    "workers.main", "--config", conf, "--port", str(port), "--worker-id", self.worker_id(i),
+                    *self._metrics_args(f"worker-{self.worker_id(i)}")), self.log_dir))
             for i, port in enumerate(self.worker_ports):
                 self.batchers.append(proc.spawn(f"batcher-{self.worker_id(i)}", proc.python_module(
                     "batcher.main", "--config", conf, "--worker-id", self.worker_id(i),
-                    "--worker-addr", f"{cfg.host}:{port}"), self.log_dir))
+                    "--worker-addr", f"{cfg.host}:{port}", *self._metrics_args(f"batcher-{self.worker_id(i)}")),
+                    self.log_dir))
+            if cfg.backend != "switchyard":   # external engine: a pass-through batcher per worker, no worker
+                for i in range(cfg.workers):
+                    self.batchers.append(proc.spawn(f"batcher-{self.worker_id(i)}", proc.python_module(
+                        "batcher.passthrough_main", "--config", conf, "--worker-id", self.worker_id(i),
+                        *self._metrics_args(f"batcher-{self.worker_id(i)}")), self.log_dir))
             self.router = proc.spawn("router", proc.python_module(
-                "router.main", "--config", conf, "--port", str(cfg.router_port)), self.log_dir)
+                "router.main", "--config", conf, "--port", str(cfg.router_port), *self._metrics_args("router")),
+                self.log_dir)
+            if cfg.triton_port is not None:
+                self.triton_front = proc.spawn("triton_front", proc.python_module(
+                    "services.triton_front", "--config", conf, "--port", str(cfg.triton_port)), self.log_dir)
             self.wait_healthy(cfg.startup_timeout_s)
+            if self.pool is not None:   # the catalogue's min_replicas, once the router hears heartbeats
+                self.pool.start(cfg.startup_timeout_s)
+                self.metrics_ports["pool"] = self.pool.metrics_port
+            if self.triton_front:
+                self._wait_listening(self.triton_front, cfg.triton_port, 30.0)
         except BaseException:
             self.stop(drain=False)
             raise
         self._write_state()
         return self
+
+    def _wait_listening(self, child: proc.Child, port: int, timeout: float) -> None:
+        import socket
+        deadline = time.monotonic() + timeout
+        while True:
+            if not child.alive():
+                raise StackError(f"{child.name} exited with code {child.popen.returncode} during start-up; "
+                                 f"last log lines ({child.log_path}):\n{child.tail()}")
+            try:
+                socket.create_connection((self.cfg.host, port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"{child.name} not listening on port {port} after {timeout:.0f}s")
+                time.sleep(0.1)
 
     def wait_healthy(self, timeout: float) -> None:
         """Until the router answers SERVING and lists every worker healthy (or a child dies)."""
@@ -119,23 +163,50 @@ class Stack:
                  "pids": {c.name: c.pid for c in self.children},
                  "workers": {self.worker_id(i): {"worker_pid": w.pid, "batcher_pid": b.pid,
                                                  "port": self.worker_ports[i]}
-                             for i, (w, b) in enumerate(zip(self.workers, self.batchers))}}
-        (self.workdir / "stack.json").write_text(json.dumps(state, indent=1))
+                             for i, (w, b) in enumerate(zip(self.workers, self.batchers))},
+                 "metrics": self.metrics_endpoints(),
+                 "triton": f"{self.cfg.host}:{self.cfg.triton_port}" if self.cfg.triton_port is not None else "",
+                 "trace_file": self.cfg.trace_file, "otlp_endpoint": self.cfg.otlp_endpoint}
+        if self.pool is not None:
+            state["pool"] = {"control": f"{self.cfg.host}:{self.cfg.pool_control_port}", **self.pool.snapshot()}
+        text = json.dumps(state, indent=1)
+        (self.workdir / "stack.json").write_text(text)
+        # Also where `switchyard status` finds it from the router address alone.
+        pointer = state_pointer(self.router_address)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(text)
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """Child name -> host:port of its Prometheus /metrics."""
+        return {name: f"{self.cfg.host}:{port}" for name, port in self.metrics_ports.items()}
 
     # ---- stop ----------------------------------------------------------------------------------
     def stop(self, drain: bool = True) -> None:
         """Drain in dependency order; SIGKILL whatever outlives its timeout."""
         grace = self.cfg.drain_grace_s if drain else 0.5
+        if self.triton_front:   # a client of the router: stops first
+            self.triton_front.stop(5.0)
         if self.router:
             self.router.stop(grace + 5.0)
+        if self.pool is not None:
+            self.pool.stop(drain)
         proc.stop_all(self.batchers, grace + 5.0 if drain else 2.0)
         proc.stop_all(self.workers, 5.0)
         proc.stop_all([c for c in (self.kv_manager,) if c], 5.0)
         if self.nats:
             self.nats.stop(5.0)
+        try:
+            state_pointer(self.router_address).unlink()
+        except OSError:
+            pass
 
     def dead_children(self) -> list[proc.Child]:
         return [c for c in self.children if not c.alive()]
+
+
+def state_pointer(router_address: str) -> Path:
+    """A copy of a running stack's stack.json, keyed by its router address (for `switchyard status`)."""
+    return Path(tempfile.gettempdir()) / "switchyard-stacks" / (router_address.replace(":", "_") + ".json")
 
 
 def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: str | None = None) -> int:
@@ -151,6 +222,13 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
         print(f"switchyard: failed to start: {e}", file=sys.stderr, flush=True)
         return 1
     print(f"switchyard: router listening on {stack.router_address}", file=out, flush=True)
+    if cfg.triton_port is not None:
+        print(f"switchyard: Triton gRPC protocol on {cfg.host}:{stack.cfg.triton_port}", file=out, flush=True)
+    print("switchyard: metrics " + " ".join(f"{n}=http://{a}/metrics" for n, a in stack.metrics_endpoints().items()),
+          file=out, flush=True)
+    if cfg.trace_file or cfg.otlp_endpoint:
+        print(f"switchyard: tracing to {' and '.join(x for x in (cfg.trace_file, cfg.otlp_endpoint) if x)}",
+              file=out, flush=True)
     print(f"switchyard: ready (state in {stack.workdir / 'stack.json'}); Ctrl-C to stop", file=out, flush=True)
     if demo:
         from services.client import stream_generate

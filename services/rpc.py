@@ -16,11 +16,14 @@ def options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
 
 
 def server(max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
-    return grpc.aio.server(options=options(max_bytes) + [("grpc.so_reuseport", 0)])
+    from telemetry.propagation import server_interceptors  # [] unless tracing is set up
+    return grpc.aio.server(options=options(max_bytes) + [("grpc.so_reuseport", 0)],
+                           interceptors=server_interceptors() or None)
 
 
 def channel(target: str, max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=options(max_bytes))
+    from telemetry.propagation import client_interceptors  # [] unless tracing is set up
+    return grpc.aio.insecure_channel(target, options=options(max_bytes), interceptors=client_interceptors() or None)
 
 
 def add_health_and_reflection(srv: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from protos.switchyard.v1 import worker_pb2, worker_pb2_grpc
+from telemetry import propagation, tracing
 from workers.engine.plan import NewRequestPlan, StepPlan
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import plan_from_proto, result_to_proto
@@ -21,7 +23,8 @@ log = logging.getLogger("switchyard.worker")
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, runner, model_name: str, device: str = "cpu"):
+    def __init__(self, runner, model_name: str, device: str = "cpu", metrics=None):
+        self.metrics = metrics      # telemetry.metrics.WorkerMetrics, or None
         self.runner = runner          # None until the model is loaded (Health says ready=False)
         self.model_name = model_name
         self.device = device
@@ -31,7 +34,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _execute_pb(self, pb: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         # Decode, run and encode on the executor thread: the loop only moves bytes.
-        return result_to_proto(self.runner.execute(plan_from_proto(pb)))
+        plan = plan_from_proto(pb)
+        t0 = time.perf_counter()
+        if tracing.ENABLED and pb.traceparent:
+            result = self._execute_traced(pb, plan)
+        else:
+            result = self.runner.execute(plan)
+        if self.metrics is not None:
+            self.metrics.step(time.perf_counter() - t0, len(plan.new_requests) + len(plan.running), plan.num_tokens)
+        return result_to_proto(result)
+
+    def _execute_traced(self, pb: worker_pb2.StepPlan, plan: StepPlan):
+        """One `worker.step` span per engine step: a child of one request in it, linked to all."""
+        from opentelemetry.trace import Link, SpanKind
+        links = [Link(sc) for sc in map(propagation.parse_traceparent, pb.links) if sc is not None]
+        attrs = {"switchyard.step_id": plan.step_id,
+                 "switchyard.batch_size": len(plan.new_requests) + len(plan.running),
+                 "switchyard.num_new_requests": len(plan.new_requests), "switchyard.num_tokens": plan.num_tokens}
+        with tracing.tracer.start_as_current_span(tracing.WORKER_STEP, kind=SpanKind.INTERNAL, attributes=attrs,
+                                                  context=propagation.context_from_traceparent(pb.traceparent),
+                                                  links=links):
+            return self.runner.execute(plan)
 
     def _reset(self) -> None:
         """A new Step stream means a new batcher session: forget the previous one's requests."""
@@ -72,5 +95,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         r = self.runner
         if r is None:
             return worker_pb2.WorkerInfo(model=self.model_name, ready=False, device=self.device)
+        names = r.adapter_names() if hasattr(r, "adapter_names") else []
         return worker_pb2.WorkerInfo(model=self.model_name, num_blocks=r.num_blocks, block_size=r.block_size,
-                                     max_model_len=r.max_model_len, ready=self.ready, device=self.device)
+                                     max_model_len=r.max_model_len, ready=self.ready, device=self.device,
+                                     adapters=names)

@@ -32,4 +32,5 @@ def test_compose_has_every_service_from_one_image():
     r = subprocess.run([exe, "-f", str(REPO / "docker-compose.yml"), "config", "--services"], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert set(r.stdout.split()) == {"nats", "kv_manager", "worker-w0", "batcher-w0", "router"}
+    assert set(r.stdout.split()) == {"nats", "kv_manager", "worker-w0", "batcher-w0", "router",
+                                     "jaeger", "prometheus", "grafana"}

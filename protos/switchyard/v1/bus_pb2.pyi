@@ -15,6 +15,7 @@ class ChunkError(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHUNK_ERROR_INVALID: _ClassVar[ChunkError]
     CHUNK_ERROR_UNAVAILABLE: _ClassVar[ChunkError]
     CHUNK_ERROR_INTERNAL: _ClassVar[ChunkError]
+    CHUNK_ERROR_NOT_FOUND: _ClassVar[ChunkError]
 
 class KvEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,13 +28,14 @@ CHUNK_ERROR_QUEUE_FULL: ChunkError
 CHUNK_ERROR_INVALID: ChunkError
 CHUNK_ERROR_UNAVAILABLE: ChunkError
 CHUNK_ERROR_INTERNAL: ChunkError
+CHUNK_ERROR_NOT_FOUND: ChunkError
 KV_EVENT_KIND_UNSPECIFIED: KvEventKind
 KV_EVENT_KIND_STORED: KvEventKind
 KV_EVENT_KIND_REMOVED: KvEventKind
 KV_EVENT_KIND_CLEARED: KvEventKind
 
 class BatchRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms", "prompt_text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +44,7 @@ class BatchRequest(_message.Message):
     REPLY_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -50,7 +53,8 @@ class BatchRequest(_message.Message):
     reply_subject: str
     traceparent: str
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    prompt_text: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "error", "error_message", "retry_after_ms", "error_field")
@@ -85,7 +89,7 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms")
+    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms", "adapters")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +107,7 @@ class Heartbeat(_message.Message):
     PROMPT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     healthy: bool
@@ -120,7 +125,8 @@ class Heartbeat(_message.Message):
     prompt_tokens_total: int
     generation_tokens_total: int
     interval_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: bool = ..., draining: bool = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KvEvent(_message.Message):
     __slots__ = ("kind", "block_hashes", "parent_hash", "token_ids", "adapter_id", "block_size")
@@ -147,3 +153,19 @@ class KvEventBatch(_message.Message):
     seq: int
     events: _containers.RepeatedCompositeFieldContainer[KvEvent]
     def __init__(self, worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+
+class ModelControl(_message.Message):
+    __slots__ = ("action", "model")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    model: str
+    def __init__(self, action: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ModelControlReply(_message.Message):
+    __slots__ = ("ok", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    error: str
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

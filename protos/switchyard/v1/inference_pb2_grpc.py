@@ -6,7 +6,7 @@ import warnings
 from protos.switchyard.v1 import inference_pb2 as protos_dot_switchyard_dot_v1_dot_inference__pb2
 from protos.switchyard.v1 import kv_index_pb2 as protos_dot_switchyard_dot_v1_dot_kv__index__pb2
 
-GRPC_GENERATED_VERSION = '1.78.0'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class InferenceStub(object):
+class InferenceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -52,7 +52,7 @@ class InferenceStub(object):
                 _registered_method=True)
 
 
-class InferenceServicer(object):
+class InferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
@@ -101,7 +101,7 @@ def add_InferenceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Inference(object):
+class Inference:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -186,7 +186,7 @@ class Inference(object):
             _registered_method=True)
 
 
-class AdminStub(object):
+class AdminStub:
     """Operator view of the stack (workers, queues, KV usage), served by the router.
     """
 
@@ -201,13 +201,36 @@ class AdminStub(object):
                 request_serializer=protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/switchyard.v1.Admin/LoadModel',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/switchyard.v1.Admin/UnloadModel',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
-class AdminServicer(object):
+class AdminServicer:
     """Operator view of the stack (workers, queues, KV usage), served by the router.
     """
 
     def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Model pool (services/pool.py, forwarded by the router); need `authorization: Bearer <admin token>`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,6 +244,16 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusResponse.SerializeToString,
             ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'switchyard.v1.Admin', rpc_method_handlers)
@@ -229,7 +262,7 @@ def add_AdminServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Admin(object):
+class Admin:
     """Operator view of the stack (workers, queues, KV usage), served by the router.
     """
 
@@ -250,6 +283,60 @@ class Admin(object):
             '/switchyard.v1.Admin/Status',
             protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_kv__index__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Admin/LoadModel',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Admin/UnloadModel',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,16 +40,20 @@ class RunningRequestPlan(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_new_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_id", "new_requests", "running", "finished_ids")
+    __slots__ = ("step_id", "new_requests", "running", "finished_ids", "traceparent", "links")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     FINISHED_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequestPlan]
     running: _containers.RepeatedCompositeFieldContainer[RunningRequestPlan]
     finished_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequestPlan, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningRequestPlan, _Mapping]]] = ..., finished_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    traceparent: str
+    links: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequestPlan, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[RunningRequestPlan, _Mapping]]] = ..., finished_ids: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., links: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "request_ids", "token_ids", "has_logprobs", "logprobs", "execute_ms")
@@ -65,24 +69,26 @@ class StepResult(_message.Message):
     has_logprobs: bool
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     execute_ms: float
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., has_logprobs: bool = ..., logprobs: _Optional[_Iterable[float]] = ..., execute_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., has_logprobs: _Optional[bool] = ..., logprobs: _Optional[_Iterable[float]] = ..., execute_ms: _Optional[float] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "num_blocks", "block_size", "max_model_len", "ready", "device")
+    __slots__ = ("model", "num_blocks", "block_size", "max_model_len", "ready", "device", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_blocks: int
     block_size: int
     max_model_len: int
     ready: bool
     device: str
-    def __init__(self, model: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., ready: bool = ..., device: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from protos.switchyard.v1 import worker_pb2 as protos_dot_switchyard_dot_v1_dot_worker__pb2
 
-GRPC_GENERATED_VERSION = '1.78.0'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class WorkerStub(object):
+class WorkerStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class WorkerStub(object):
                 _registered_method=True)
 
 
-class WorkerServicer(object):
+class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Step(self, request_iterator, context):
@@ -83,7 +83,7 @@ def add_WorkerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Worker(object):
+class Worker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,0 +1,221 @@
+"""Model selection for a model pool (StackConfig.pool_config): which model serves a request.
+
+Order: an explicit `model` (NOT_FOUND lists the catalogue) -> required `capabilities` (the
+cheapest ready model having them all whose max_context fits the prompt; else the cheapest that
+fits, which is then loaded) -> intent (router/intent.py maps prompt + `intent` hint to a
+capability, else the default model). The decision goes to the client as initial metadata
+(`x-switchyard-model`, `x-switchyard-model-version`, `x-switchyard-route-reason`) and onto the
+active span. The request is then rewritten to the served name `<model>@<version>` of a version
+with routable replicas, so the rest of the router (validation, tokenizer, worker choice over the
+heartbeat table, KV index) runs unchanged. A model with no replica triggers a pool load and the
+request waits for it (bounded by its deadline and pool_load_wait_s).
+
+Among replicas the router's usual choice (router/routing.py) runs; `choose_bounded` adds an
+imbalance bound so one hot prefix cannot pile every request onto one replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
+from router import routing
+from router.admin_auth import check_admin
+from router.intent import load_classifier
+from router.validation import RequestError
+from services.catalog import load_catalog, split_served
+from telemetry import tracing
+
+log = logging.getLogger("switchyard.router.pool")
+
+POLL_S = 0.25
+MAX_REROUTES = 3
+
+
+def choose_bounded(cands: list[routing.Candidate], prompt_blocks: int, overlap_weight: float, load_weight: float,
+                   policy: str, max_imbalance: int) -> routing.Candidate:
+    c = routing.choose(cands, prompt_blocks, overlap_weight, load_weight, policy=policy)
+    lo = min(x.load for x in cands)
+    if c.load - lo > max_imbalance:
+        return min(cands, key=lambda x: (x.load, x.worker_id))
+    return c
+
+
+class PoolRouting:
+    def __init__(self, router):
+        self.router = router
+        cfg = router.cfg
+        self.catalog = load_catalog(cfg.pool_config)
+        self.classifier = load_classifier(self.catalog)
+        from services import rpc
+        self._channel = rpc.channel(f"{cfg.host}:{cfg.pool_control_port}", cfg.max_message_bytes)
+        self.pool = pool_pb2_grpc.PoolStub(self._channel)
+        self.info: dict[str, inference_pb2.ModelInfo] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._poll(), name="router-pool-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._channel.close()
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                resp = await self.pool.ListModels(inference_pb2.ListModelsRequest(), timeout=2.0)
+                self.info = {m.name: m for m in resp.models}
+            except grpc.aio.AioRpcError:
+                pass   # the pool starts after the router: keep polling
+            await asyncio.sleep(POLL_S)
+
+    # ---- which served name ---------------------------------------------------------------------
+    def served_names(self, name: str) -> list[str]:
+        """Served names (<name>@<version>) with routable replicas, the active version first."""
+        served = [s for s in self.router.table.models() if split_served(s)[0] == name]
+        info = self.info.get(name)
+        active = f"{name}@{info.version}" if info is not None else ""
+        return sorted(served, key=lambda s: (s != active, s))
+
+    def is_ready(self, name: str) -> bool:
+        return bool(self.served_names(name))
+
+    def _by_capability(self, caps: list[str], n_tokens: int) -> tuple[str, str]:
+        have = [m for m in self.catalog.models if set(caps) <= set(m.capabilities)]
+        if not have:
+            known = sorted({c for m in self.catalog.models for c in m.capabilities})
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no model has capabilities {caps}; "
+                                                          f"capabilities served: {', '.join(known)}", "capabilities")
+        fit = [m for m in have if m.max_context > n_tokens]
+        if not fit:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"prompt: {n_tokens} tokens exceeds the context of every model with {caps} "
+                               f"(largest {max(m.max_context for m in have)})", "prompt")
+        ready = [m for m in fit if self.is_ready(m.name)]
+        best = min(ready or fit, key=lambda m: (m.gpu_usd_per_hour, m.name))
+        why = "cheapest ready model" if ready else "cheapest model (none ready: loading it)"
+        return best.name, f"{why} with {'+'.join(caps)} (${best.gpu_usd_per_hour:g}/h, context {best.max_context})"
+
+    async def _count_tokens(self, request) -> int:
+        text = request.prompt or "\n".join(m.content for m in request.messages)
+        tok = await self.router.tokenizer(self.catalog.default_model)
+        return len(tok.encode(text))
+
+    async def select(self, request) -> tuple[str, str]:
+        """-> (catalogue model name or a served name, reason). Raises RequestError."""
+        if request.model:
+            name = request.model
+            base, version = split_served(name)
+            if self.catalog.get(base) is not None:
+                return name, "model named in the request"
+            if name in self.router.table.models():   # served outside the catalogue
+                return name, "model named in the request"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model {name!r} is not served here; known models: {', '.join(self.catalog.names)}",
+                               "model")
+        if request.capabilities:
+            caps = sorted({c.strip().lower() for c in request.capabilities if c.strip()})
+            return self._by_capability(caps, await self._count_tokens(request))
+        text = request.prompt or "\n".join(m.content for m in request.messages)
+        cap, why = self.classifier.classify(text, request.intent)
+        if cap is not None:
+            try:
+                name, why2 = self._by_capability([cap], await self._count_tokens(request))
+                return name, f"intent: {why}; {why2}"
+            except RequestError as e:
+                why = f"{why}, but {e.message}"
+        return self.catalog.default_model, f"intent: {why}; default model"
+
+    async def ensure_served(self, name: str, context) -> str:
+        """A served name of `name` with a routable replica; loads the model and waits if there is none."""
+        base, version = split_served(name)
+        if version:   # a specific version asked for
+            if name in self.router.table.models():
+                return name
+            if self.catalog.get(base) is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no healthy worker serves {name!r} right now; retry")
+        served = self.served_names(base)
+        if served and (not version or name in served):
+            return name if version else served[0]
+        remaining = context.time_remaining() if context is not None else None
+        wait = self.router.cfg.pool_load_wait_s if remaining is None else min(remaining, self.router.cfg.pool_load_wait_s)
+        deadline = time.monotonic() + wait
+        next_load = 0.0
+        with tracing.span("router.pool_load_wait") if tracing.ENABLED else _null():
+            while True:
+                now = time.monotonic()
+                if now >= next_load:   # idempotent; repeated in case a load failed or raced an eviction
+                    next_load = now + 2.0
+                    try:
+                        await self.pool.LoadModel(inference_pb2.LoadModelRequest(name=base, version=version,
+                                                                                  wait=False), timeout=5.0)
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                            raise RequestError(e.code(), e.details()) from None
+                        log.warning("pool LoadModel %s: %s", base, e.code())
+                served = self.served_names(base)
+                if version:
+                    served = [s for s in served if s == name]
+                if served:
+                    return served[0]
+                if time.monotonic() >= deadline:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= wait \
+                        else grpc.StatusCode.UNAVAILABLE
+                    raise RequestError(code, f"model {base!r} is still loading after {wait:.0f}s; retry")
+                await asyncio.sleep(0.05)
+
+    async def route(self, request, context):
+        """-> the request rewritten to a served model name. Sends the decision as initial metadata."""
+        name, reason = await self.select(request)
+        served = await self.ensure_served(name, context)
+        base, version = split_served(served)
+        req = type(request)()
+        req.CopyFrom(request)
+        req.model = served
+        req.ClearField("capabilities")
+        try:
+            await context.send_initial_metadata((("x-switchyard-model", base), ("x-switchyard-model-version", version),
+                                                 ("x-switchyard-route-reason", reason)))
+        except Exception:   # noqa: BLE001 - metadata already sent (cannot happen before the first yield)
+            pass
+        if tracing.ENABLED:
+            span = tracing.current_span()
+            if span is not None:
+                span.set_attributes({"switchyard.route.model": base, "switchyard.route.version": version,
+                                     "switchyard.route.reason": reason})
+        return req
+
+    async def reroute(self, served: str, token_ids: list[int], failed_worker: str, context) -> str | None:
+        """A replica refused a request before any token (it was being unloaded): another worker, or None."""
+        try:
+            served2 = await self.ensure_served(split_served(served)[0], context)
+            wid = await self.router._pick_worker(served2, token_ids)
+        except RequestError:
+            return None
+        return None if wid == failed_worker else wid
+
+    # ---- Admin / ListModels ------------------------------------------------------------------------
+    async def admin(self, method: str, request, context):
+        check_admin(context, self.router.cfg)
+        try:
+            return await getattr(self.pool, method)(request, timeout=self.catalog.pool.load_timeout_s + 60.0)
+        except grpc.aio.AioRpcError as e:
+            raise RequestError(e.code(), e.details()) from None
+
+    async def list_models(self) -> inference_pb2.ListModelsResponse:
+        try:
+            return await self.pool.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model pool is not answering ({e.code().name})") from None
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
