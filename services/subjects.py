@@ -44,6 +44,11 @@ def heartbeat(worker_id: str) -> str:
     return f"{PREFIX}.hb.{check_token(worker_id, 'worker id')}"
 
 
+def control(worker_id: str) -> str:
+    """Anyone -> the batcher of worker_id: load/unload its model (ModelControl, request-reply)."""
+    return f"{PREFIX}.ctl.{check_token(worker_id, 'worker id')}"
+
+
 # Wildcards for the subscribers that listen to every worker / request.
 ALL_CANCELS = f"{PREFIX}.cancel.*"
 ALL_KV_EVENTS = f"{PREFIX}.kv.*"
