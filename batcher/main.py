@@ -28,6 +28,15 @@ async def serve(args) -> None:
     nc = await nats.connect(args.nats or cfg.nats_url, name=f"batcher-{args.worker_id}",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     svc = BatcherService(cfg, args.worker_id, args.worker_addr, nc, metrics=batcher_metrics)
+    await run_until_signalled(svc, cfg, nc)
+
+
+async def run_until_signalled(svc, cfg, nc) -> None:
+    """Start a batcher service, serve until SIGTERM/SIGINT, drain in-flight work, stop.
+
+    Shared by the engine batcher and the pass-through batcher (same start/drain/stop shape)."""
+    from telemetry import tracing
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,7 +44,7 @@ async def serve(args) -> None:
     start = asyncio.create_task(svc.start(ready_timeout=cfg.startup_timeout_s))
     done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if start in done:
-        start.result()  # raise if the worker never came up
+        start.result()  # raise (exit non-zero with the reason) if the worker/backend never came up
         await stop.wait()
         await svc.drain(cfg.drain_grace_s)
     else:

@@ -7,14 +7,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
+from batcher.main import gpu_price, run_until_signalled
 from services.config import load_config
-
-
-def _gpu_price(cfg, worker_id: str) -> float:
-    by = getattr(cfg, "gpu_usd_per_hour_by_worker", None) or {}
-    return float(by.get(worker_id, getattr(cfg, "gpu_usd_per_hour", 0.0)))
 
 
 async def serve(args) -> None:
@@ -26,28 +21,14 @@ async def serve(args) -> None:
 
     cfg = load_config(args.config)
     tracing.setup_from_config("batcher", cfg)
-    batcher_metrics = metrics.BatcherMetrics(cfg.model, args.worker_id, _gpu_price(cfg, args.worker_id))
+    batcher_metrics = metrics.BatcherMetrics(cfg.model, args.worker_id, gpu_price(cfg, args.worker_id))
     metrics.serve(args.metrics_port, cfg.host)
     backend = make_backend(cfg.backend, cfg.backend_url, cfg.backend_model or cfg.model)
     nc = await nats.connect(args.nats or cfg.nats_url, name=f"batcher-{args.worker_id}",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     svc = PassthroughBatcher(cfg, args.worker_id, nc, backend, max_concurrency=cfg.backend_max_concurrency,
                              metrics=batcher_metrics)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    start = asyncio.create_task(svc.start(ready_timeout=cfg.startup_timeout_s))
-    done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    if start in done:
-        start.result()  # raise (and exit non-zero, with the backend's message) if it never came up
-        await stop.wait()
-        await svc.drain(cfg.drain_grace_s)
-    else:
-        start.cancel()
-    await svc.stop()
-    await nc.drain()
-    tracing.shutdown()
+    await run_until_signalled(svc, cfg, nc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@
 
 TensorRT-LLM has no wheel on the registries these machines reach: it is imported lazily and a
 missing package is a clear BackendMissingError. Tested only against a fake with the same shapes
-(tests/triton/fake_trtllm.py), not against TensorRT-LLM itself.
+(tests/triton_backends/fake_trtllm.py), not against TensorRT-LLM itself.
 """
 from __future__ import annotations
 

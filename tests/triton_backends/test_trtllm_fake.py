@@ -15,7 +15,7 @@ from workers.backends.base import BackendMissingError, BackendRequest, make_back
 from workers.backends.trtllm import TrtLlmBackend, to_trt_sampling
 from workers.engine.sampling_params import SamplingParams
 
-FAKE = "tests.triton.fake_trtllm"
+FAKE = "tests.triton_backends.fake_trtllm"
 
 
 def run(coro):

@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from tests.triton.conftest import MODEL
+from tests.triton_backends.conftest import MODEL
 
 PROMPT = "The capital of France is"
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tests.e2e.conftest import channel, collect, gen_request
-from tests.triton.conftest import MODEL
+from tests.triton_backends.conftest import MODEL
 
 PROMPT = "Trains switch tracks because"
 
