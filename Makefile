@@ -20,7 +20,7 @@ run: install
 	$(VENV)/bin/switchyard up --demo "Write a haiku about trains switching tracks."
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 protos: install
 	$(PY) -m protos.gen
