@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -22,6 +21,7 @@ import urllib.request
 
 import torch
 
+from bench.common import load_hf_model, machine_info, write_json
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.loader import load_model
@@ -223,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {
         "model": args.random_weights or args.model, "device": args.device,
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "machine": machine_info(args.device),
         "num_requests": len(work), "prompt_len": args.prompt_len, "output_len": args.output_len,
         "kv_blocks": eng.runner.num_blocks,
     }
@@ -239,14 +237,7 @@ def main(argv: list[str] | None = None) -> int:
           f"bs1 decode {res['decode_ms_per_step_bs1']:.2f} ms/step", flush=True)
 
     if not args.no_hf:
-        from transformers import AutoModelForCausalLM
-        hf_dtype = next(loaded.model.parameters()).dtype
-        if loaded.path:
-            hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=hf_dtype).to(args.device).eval()
-        else:   # random weights: same tensors, HF module
-            from transformers import LlamaConfig, LlamaForCausalLM
-            hf = LlamaForCausalLM(LlamaConfig(**_hf_config(loaded.config))).to(args.device, hf_dtype).eval()
-            hf.load_state_dict(loaded.model.hf_state_dict(), strict=False)
+        hf = load_hf_model(loaded, args.device)
         res["greedy_match_hf"] = greedy_match(eng, hf, loaded.tokenizer, args.device)
         res["hf_decode_ms_per_step_bs1"] = hf_decode_ms_bs1(hf, loaded.tokenizer, args.device)
         h = run_hf(hf, loaded.tokenizer.eos_token_ids[0] if loaded.tokenizer.eos_token_ids else 0,
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
     server = None if args.no_llama_cpp else find_llama_server()
-    gguf = _gguf_of(args.model) if not args.random_weights else None
+    gguf = _gguf_of(args.model) if server and not args.random_weights else None
     if server and gguf:
         lc = run_llama_cpp(server, gguf, work)
         res["llama_cpp_output_tok_s"] = lc["output_tok_s"]
@@ -272,28 +263,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=2))
     if args.json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-        with open(args.json_path, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json_path, res)
     return 0
 
 
 def _gguf_of(model: str) -> str | None:
     if model.endswith(".gguf"):
         return model
-    from workers.engine.loader import builtin_gguf_path
     try:
-        return builtin_gguf_path(model)
+        from workers.engine.loader import smollm2_gguf_path
+        return str(smollm2_gguf_path()) if model == "smollm2-135m" else None
     except Exception:
         return None
-
-
-def _hf_config(c) -> dict:
-    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from bench.common import local_stack, machine_info, stack_config, write_json
+from bench.metrics import percentile
 
 PROMPTS = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a quiet village,",
            "The three laws of thermodynamics are", "A haiku about autumn:", "SELECT name FROM users WHERE",
@@ -37,10 +39,8 @@ class Trace:
 
 
 def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100.0 * (len(xs) - 1)))))]
+    v = percentile(xs, q)
+    return float("nan") if v is None else v
 
 
 def summarize(traces: list[Trace]) -> dict:
@@ -126,15 +126,9 @@ async def run_both(args, router: str) -> tuple[list[Trace], list[Trace]]:
 def run(args) -> tuple[list[Trace], list[Trace]]:
     if args.router:
         return asyncio.run(run_both(args, args.router))
-    from services.config import load_config
-    from services.launcher import Stack
-    cfg = load_config(None, router_port=0, nats_port=0, kv_manager_port=0, worker_base_port=0, workers=1,
-                      model=args.model, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
-    stack = Stack(cfg).start()
-    try:
+    cfg = stack_config(args.model, workers=1, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
+    with local_stack(cfg) as stack:
         return asyncio.run(run_both(args, stack.router_address))
-    finally:
-        stack.stop(drain=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, stack = summarize(eng_traces), summarize(stack_traces)
     added = {k.replace("_ms", "_added_ms"): stack[k] - engine[k]
              for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")}
-    report = {"model": args.model, "streams": args.streams, "max_tokens": args.max_tokens, "rounds": args.rounds,
+    report = {"machine": machine_info(), "model": args.model, "streams": args.streams, "max_tokens": args.max_tokens, "rounds": args.rounds,
               "engine": engine, "stack": stack, "added": added}
     print(f"{'':10} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>10} {'ITL p99':>10}   (ms, {args.streams} streams)")
     for name, s in (("engine", engine), ("stack", stack)):
@@ -161,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'added':10} {added['ttft_p50_added_ms']:>10.2f} {added['ttft_p99_added_ms']:>10.2f} "
           f"{added['itl_p50_added_ms']:>10.2f} {added['itl_p99_added_ms']:>10.2f}")
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json_path, report)
     return 0
 
 

@@ -108,7 +108,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         return tok
 
     def known_models(self) -> list[str]:
-        return sorted({self.cfg.model, *(w.model for w in self.table.workers.values() if w.model)})
+        pool = self.pool_routing.catalog.names if self.pool_routing is not None else ()
+        return sorted({self.cfg.model, *pool, *(w.model for w in self.table.workers.values() if w.model)})
 
     # ---- heartbeats ----------------------------------------------------------------------------
     async def _on_heartbeat(self, msg) -> None:

@@ -58,6 +58,11 @@ def status_dict(router: str, timeout: float = 5.0) -> dict:
         d["trace_file"] = state.get("trace_file", "")
     except (OSError, ValueError):
         pass
+    try:   # per model: state, version, replicas, desired, queue depth (the model pool's view)
+        from services.pool_cli import models_dict
+        d["models"] = models_dict(router, timeout)
+    except Exception:   # noqa: BLE001 - an older router
+        pass
     return d
 
 
