@@ -19,6 +19,7 @@ from kv_manager.block_hash import block_hashes
 from protos.switchyard.v1 import (bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2,
                                   kv_index_pb2_grpc)
 from router import routing
+from router.recent_prefixes import RecentPrefixes, merge_matches
 from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
 from services import subjects
 from services.config import StackConfig
@@ -57,6 +58,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self.nc = nc
         self.kv = kv_index_pb2_grpc.KvIndexStub(kv_channel) if kv_channel is not None else None
         self.table = routing.WorkerTable(cfg.worker_timeout_s)
+        self.recent_prefixes = RecentPrefixes()   # predicted overlap until KV events arrive
         self.draining = False
         self._load_tokenizer = tokenizer_loader
         self._tokenizers: dict = {}
@@ -160,15 +162,20 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 matched = {m.worker_id: m.matched_blocks for m in resp.workers}
             except grpc.aio.AioRpcError as e:
                 log.debug("KvIndex/Match failed (%s): routing on load only", e.code())
+        if hashes and routing.needs_kv_match(self.cfg.routing_policy):
+            matched = merge_matches(matched, self.recent_prefixes.match(hashes))
         cands = self.table.candidates(model, matched)
         if adapter_id:
             cands = [c for c in cands if any(c.worker_id == w.worker_id for w in views)]
         if self.pool_routing is not None:   # bounded imbalance between a pool model's replicas
             from router.catalog_routing import choose_bounded
-            return choose_bounded(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
-                                  self.cfg.routing_policy, self.pool_routing.catalog.pool.max_imbalance).worker_id
-        return routing.choose(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
-                              policy=self.cfg.routing_policy).worker_id
+            chosen = choose_bounded(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
+                                    self.cfg.routing_policy, self.pool_routing.catalog.pool.max_imbalance).worker_id
+        else:
+            chosen = routing.choose(cands, len(hashes), self.cfg.overlap_weight, self.cfg.load_weight,
+                                    policy=self.cfg.routing_policy).worker_id
+        self.recent_prefixes.record(chosen, hashes)
+        return chosen
 
     def _max_model_len(self, model: str) -> int:
         lens = [w.heartbeat.max_model_len for w in self.table.routable(model) if w.heartbeat.max_model_len]
