@@ -60,6 +60,8 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
+        # adapter_id -> raises UnknownAdapterError when the worker does not serve it (None: no check)
+        self.adapter_check: Callable[[str], None] | None = None
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -68,6 +70,8 @@ class EngineCore:
         sampling.validate()
         if not prompt_token_ids:
             raise InvalidRequestError("prompt", "must not be empty")
+        if adapter_id and self.adapter_check is not None:
+            self.adapter_check(adapter_id)
         if request_id in self.scheduler.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         max_len = self.scheduler.max_model_len

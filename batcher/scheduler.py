@@ -53,8 +53,9 @@ def _order_key(r: Request) -> tuple[int, int]:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048,
-                 max_waiting: int = 1024):
+                 max_waiting: int = 1024, max_loras: int | None = None):
         self.allocator = allocator
+        self.max_loras = max_loras      # distinct LoRA adapters among running requests (worker slots)
         self.block_size = allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -172,6 +173,8 @@ class Scheduler:
                     break
                 budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled.values())
                 continue
+            if req.adapter_id and self.max_loras and not self._adapter_fits(req.adapter_id):
+                break                   # every adapter slot is held by running requests: wait for one
             admitted = self._admit(req, budget)
             if admitted is None:
                 if not self._preempt_lower_than(req, scheduled):
@@ -183,6 +186,10 @@ class Scheduler:
             budget -= admitted.num_new_tokens
 
         return self._make_plan(scheduled)
+
+    def _adapter_fits(self, adapter_id: str) -> bool:
+        running = {r.adapter_id for r in self.running if r.adapter_id}
+        return adapter_id in running or len(running) < self.max_loras
 
     def _grow(self, req: Request, n: int) -> list[int] | None:
         """Blocks needed to hold req's next n tokens; None when the allocator is out."""

@@ -260,7 +260,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 if (chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and first and reroutes < 3
                         and self.pool_routing is not None):
                     # Refused before any token (its replica is being unloaded / swapped): go elsewhere.
-                    new_worker = await self.pool_routing.reroute(v.model, token_ids, worker_id, context)
+                    new_worker = await self.pool_routing.reroute(v.model, token_ids, worker_id, context,
+                                                                 v.adapter_id)
                     if new_worker is not None:
                         reroutes += 1
                         if view is not None:

@@ -17,9 +17,9 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def lora_stack(tmp_path_factory):
-    from workers.engine.loader import smollm2_dir
-    from workers.engine.loader import model_config_from_hf
     import json
+
+    from workers.engine.loader import model_config_from_hf, smollm2_dir
     d = smollm2_dir()
     mc = model_config_from_hf(json.loads((d / "config.json").read_text()))
     root = tmp_path_factory.mktemp("lora_e2e")

@@ -43,3 +43,9 @@ class EngineConfig:
     seed: int = 0                       # engine seed: draws per-request seeds for unseeded requests
     num_threads: int | None = None      # torch intra-op threads (CPU); None: torch's default.
                                         # Oversubscribed cores make OpenMP spin: give each worker its share.
+    # LoRA adapters (workers/engine/lora.py): name -> PEFT folder, served on this base model.
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 4                  # adapter slots on the device (distinct adapters in one batch)
+    max_lora_rank: int = 16             # slot capacity; adapters of a higher rank are refused
+    max_cpu_loras: int | None = None    # host-memory LRU of adapters behind the slots (None: 4 x max_loras, >= 16)
+    lora_mode: str = "auto"             # auto | sgmv (segment per adapter) | bgmv (gather per token)

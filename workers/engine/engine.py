@@ -17,7 +17,7 @@ from batcher.engine_core import EngineCore, EngineStats, RequestOutput
 from batcher.scheduler import Scheduler
 from kv_manager.block_allocator import BlockAllocator
 from workers.engine.config import EngineConfig
-from workers.engine.errors import InvalidRequestError
+from workers.engine.errors import InvalidRequestError, UnknownAdapterError
 from workers.engine.loader import LoadedModel, load_model
 from workers.engine.model_runner import ModelRunner, resolve_dtype
 from workers.engine.sampling_params import SamplingParams
@@ -47,7 +47,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.runner.max_model_len, max_waiting=self.config.max_waiting)
+            max_model_len=self.runner.max_model_len, max_waiting=self.config.max_waiting,
+            max_loras=self.config.max_loras)
         self.core = EngineCore(self.scheduler, self.runner, self.tokenizer,
                                eos_token_ids=loaded.tokenizer.eos_token_ids or loaded.config.eos_token_ids,
                                seed=self.config.seed)
@@ -76,9 +77,31 @@ class Engine:
                     request_id: str | None = None, priority: int = 0,
                     adapter_id: str | None = None) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if adapter_id:
+            self._check_adapter(adapter_id)
         self.core.add_request(rid, self.encode_prompt(prompt), sampling or SamplingParams(),
                               priority=priority, adapter_id=adapter_id)
         return rid
+
+    # ---- LoRA adapters ---------------------------------------------------------------------
+    def _check_adapter(self, name: str) -> None:
+        """UnknownAdapterError / InvalidAdapterError before anything is queued; reads the adapter into
+        the host cache now, so the step that first uses it only copies it into a slot."""
+        lora = self.runner.lora
+        if lora is None:
+            raise UnknownAdapterError(f"adapter {name!r}: this engine serves no adapters (max_loras=0)")
+        lora.prefetch(name)
+
+    def load_adapter(self, name: str, path: str) -> int:
+        """Register a PEFT LoRA folder under `name` and load it into a slot (validating it); returns the slot."""
+        return self.runner.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Forget an adapter; requests already running on it finish, new ones get UnknownAdapterError."""
+        return self.runner.unload_adapter(name)
+
+    def adapters(self) -> list[str]:
+        return self.runner.adapter_names()
 
     def step(self) -> list[RequestOutput]:
         return self.core.step()
@@ -94,7 +117,8 @@ class Engine:
 
     # ---- offline convenience ---------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], sampling: SamplingParams | list[SamplingParams] | None = None,
-                 *, priorities: list[int] | None = None) -> list[CompletionOutput]:
+                 *, priorities: list[int] | None = None,
+                 adapter_ids: list[str | None] | None = None) -> list[CompletionOutput]:
         """Run prompts to completion with continuous batching; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
             prompts = [prompts]
@@ -103,7 +127,8 @@ class Engine:
         order = []
         for i, p in enumerate(prompts):
             ids = self.encode_prompt(p)
-            rid = self.add_request(ids, params[i], priority=priorities[i] if priorities else 0)
+            rid = self.add_request(ids, params[i], priority=priorities[i] if priorities else 0,
+                                   adapter_id=adapter_ids[i] if adapter_ids else None)
             outs[rid] = CompletionOutput(rid, ids)
             order.append(rid)
         pending = set(order)

@@ -11,3 +11,7 @@ class InvalidRequestError(ValueError):
 
 class UnknownModelError(ValueError):
     """The model name is neither built in nor a path we can load."""
+
+
+class UnknownAdapterError(ValueError):
+    """The adapter id names no adapter this engine knows (NOT_FOUND); nothing was queued."""

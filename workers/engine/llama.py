@@ -38,6 +38,7 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
+        self.layer_idx = 0
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -50,29 +51,43 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Module()
         self.o_proj.weight = _param((cfg.hidden_size, self.q_size), device, dtype)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache, lora=None):
         T = x.shape[0]
         qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        if lora is not None:
+            lora.apply(self.layer_idx, 0, x, qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return F.linear(o.reshape(T, self.q_size), self.o_proj.weight)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(T, self.q_size)
+        out = F.linear(o, self.o_proj.weight)
+        if lora is not None:
+            lora.apply(self.layer_idx, 1, o, out)
+        return out
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
+        self.layer_idx = 0
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Module()
         self.gate_up_proj.weight = _param((2 * cfg.intermediate_size, cfg.hidden_size), device, dtype)
         self.down_proj = nn.Module()
         self.down_proj.weight = _param((cfg.hidden_size, cfg.intermediate_size), device, dtype)
 
-    def forward(self, x):
-        gate, up = F.linear(x, self.gate_up_proj.weight).split(self.intermediate_size, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x, lora=None):
+        if lora is None:
+            gate, up = F.linear(x, self.gate_up_proj.weight).split(self.intermediate_size, dim=-1)
+            return F.linear(F.silu(gate) * up, self.down_proj.weight)
+        gu = F.linear(x, self.gate_up_proj.weight)
+        lora.apply(self.layer_idx, 2, x, gu)
+        gate, up = gu.split(self.intermediate_size, dim=-1)
+        h = F.silu(gate) * up
+        out = F.linear(h, self.down_proj.weight)
+        lora.apply(self.layer_idx, 3, h, out)
+        return out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -83,9 +98,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
 
-    def forward(self, h, cos, sin, meta, kv_cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, cos, sin, meta, kv_cache, lora=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
 class LlamaModel(nn.Module):
@@ -94,6 +109,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = _param((cfg.vocab_size, cfg.hidden_size), device, dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, device, dtype) for _ in range(cfg.num_hidden_layers))
+        for i, layer in enumerate(self.layers):   # LoRA slots are stacked per layer index
+            layer.self_attn.layer_idx = layer.mlp.layer_idx = i
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
 
 
@@ -150,11 +167,12 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], lora=None) -> torch.Tensor:
+        """`lora`: a workers.engine.lora.LoraBatch adding per-token adapter deltas, or None (no cost)."""
         h = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary_emb(positions, h.dtype)
         for layer, kv in zip(self.model.layers, kv_caches):
-            h = layer(h, cos, sin, attn_meta, kv)
+            h = layer(h, cos, sin, attn_meta, kv, lora)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ class _SeqState:
     num_computed: int
     sampling: SamplingParams
     seed: int
+    adapter_id: str | None = None
+    slot: int = 0                       # LoRA slot (0: the bare base model)
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
@@ -56,6 +58,14 @@ class ModelRunner:
                           for _ in range(mc.num_hidden_layers)]
         self.sampler = Sampler()
         self.seqs: dict[str, _SeqState] = {}
+        self.lora = None                # AdapterManager, when adapters can be served (max_loras > 0)
+        if config.max_loras > 0:
+            from workers.engine.lora import AdapterManager
+            self.lora = AdapterManager(mc, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                                       device=self.device, dtype=self.dtype, max_cpu_loras=config.max_cpu_loras,
+                                       mode=config.lora_mode)
+            for name, path in (config.lora_adapters or {}).items():
+                self.lora.register(name, path)
         self.decode_graphs: DecodeGraphs | None = None
         if (config.use_cuda_graphs and self.device.type == "cuda" and _triton() is not None):
             self.decode_graphs = DecodeGraphs(self, graph_batch_sizes(config.max_num_seqs))
@@ -91,7 +101,9 @@ class ModelRunner:
         work: list[tuple[str, _SeqState, int]] = []
         for nr in plan.new_requests:
             st = _SeqState(list(nr.token_ids), nr.num_prompt_tokens, list(nr.block_ids),
-                           nr.num_computed_tokens, nr.sampling, nr.seed)
+                           nr.num_computed_tokens, nr.sampling, nr.seed, nr.adapter_id)
+            if nr.adapter_id:
+                st.slot = self._adapter_slot(nr.adapter_id)
             self.seqs[nr.request_id] = st
             work.append((nr.request_id, st, nr.num_new_tokens))
         for rr in plan.running:
@@ -103,7 +115,9 @@ class ModelRunner:
             return StepResult(step_id=plan.step_id, execute_ms=1000 * (time.perf_counter() - t0))
 
         # Prefill segments first, then single-token (decode) segments: the attention layout.
-        work.sort(key=lambda w: w[2] == 1)
+        # Within each, rows of one LoRA slot lie together (one segment per adapter).
+        work.sort(key=lambda w: (w[2] == 1, w[1].slot))
+        lora_rows: list[int] | None = [] if any(w[1].slot for w in work) else None
         input_ids: list[int] = []
         positions: list[int] = []
         prefills, decodes = [], []
@@ -113,6 +127,8 @@ class ModelRunner:
             c = st.num_computed
             input_ids.extend(st.token_ids[c:c + n])
             positions.extend(range(c, c + n))
+            if lora_rows is not None:
+                lora_rows.extend([st.slot] * n)
             if n == 1:
                 decodes.append((c + 1, st.block_table))
             else:
@@ -123,14 +139,22 @@ class ModelRunner:
             st.num_computed = c + n
 
         dev = self.device
-        if not prefills and self.decode_graphs is not None and self.decode_graphs.fits(len(decodes)):
+        lora_batch = None
+        if lora_rows is not None:
+            from workers.engine.lora import LoraBatch
+            lora_batch = LoraBatch.build(self.lora, lora_rows, device=dev)
+        if (lora_batch is None and not prefills and self.decode_graphs is not None
+                and self.decode_graphs.fits(len(decodes))):
             hidden = self.decode_graphs.run(input_ids, positions, decodes)
         else:
             ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
             pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
             meta = build_attention_metadata(prefills, decodes, self.block_size, dev,
                                             max_blocks_per_seq=self.max_blocks_per_seq)
-            hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+            if lora_batch is None:
+                hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
+            else:
+                hidden = self.model(ids_t, pos_t, meta, self.kv_caches, lora=lora_batch)
         result = StepResult(step_id=plan.step_id)
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
@@ -146,6 +170,30 @@ class ModelRunner:
                 result.logprobs = out.logprobs.tolist()
         result.execute_ms = 1000 * (time.perf_counter() - t0)
         return result
+
+    # ---- LoRA --------------------------------------------------------------------------------
+    def _pinned_slots(self) -> set[int]:
+        return {st.slot for st in self.seqs.values() if st.slot}
+
+    def _adapter_slot(self, name: str) -> int:
+        """The slot of adapter `name`, swapping it in now if needed (evicting an LRU slot no running
+        request uses). Costs this one step a host->device copy (a disk read if not host-cached)."""
+        if self.lora is None:
+            from workers.engine.errors import UnknownAdapterError
+            raise UnknownAdapterError(f"adapter {name!r}: this engine serves no adapters (max_loras=0)")
+        return self.lora.acquire(name, pinned=self._pinned_slots())
+
+    def load_adapter(self, name: str, path: str | None = None) -> int:
+        """Register (when path is given), validate and bring into a slot; returns the slot."""
+        if self.lora is None:
+            raise ValueError("this engine serves no adapters: set max_loras > 0")
+        return self.lora.load(name, path, pinned=self._pinned_slots())
+
+    def unload_adapter(self, name: str) -> bool:
+        return self.lora.unregister(name, pinned=self._pinned_slots()) if self.lora is not None else False
+
+    def adapter_names(self) -> list[str]:
+        return self.lora.names() if self.lora is not None else []
 
     def _sampling_tensors(self, seqs: list[tuple[str, _SeqState]]) -> SamplingTensors:
         params = [st.sampling for _, st in seqs]

@@ -1,0 +1,192 @@
+"""LoRA adapters on SmolLM2-135M (CPU, float32): PEFT equivalence, mixed batches, prefix-cache isolation,
+slot swaps under traffic, and the errors for unknown / unservable adapters.
+
+Adapters are made by `peft` itself (tests/lora_helpers.py) with seeded normal(0, 0.05) A and B, so every
+adapter visibly changes the base model's greedy output. Measured (CPU float32): greedy tokens equal to
+transformers + peft; first-step logits within LOGIT_TOL of peft's, and the gathered (bgmv) and
+segmented (sgmv) LoRA paths agree to BATCH_TOL.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.lora_helpers import import_peft, make_peft_adapter, peft_reference
+from workers.engine import Engine, EngineConfig, SamplingParams
+from workers.engine.errors import InvalidRequestError, UnknownAdapterError
+from workers.engine.lora import InvalidAdapterError, LoraBatch
+
+try:
+    import_peft()
+except ImportError:
+    pytest.skip("peft is not installed (pip install peft)", allow_module_level=True)
+
+LOGIT_TOL = 1e-3
+BATCH_TOL = 1e-4
+N_NEW = 6
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three primary colors:", "1, 2, 3, 4,"]
+
+
+@pytest.fixture(scope="module")
+def hf_base(smollm2_dir):
+    """A private transformers copy of SmolLM2 (peft injects layers into it; never shared)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(hf_base, tmp_path_factory):
+    """name -> folder: a1 all seven targets r=8; a2 q/v only r=16 rsLoRA; a3, a4 attention-only / MLP-only."""
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "a1": make_peft_adapter(hf_base, root / "a1", seed=1, r=8, alpha=16),
+        "a2": make_peft_adapter(hf_base, root / "a2", seed=2, r=16, alpha=8, targets=["q_proj", "v_proj"],
+                                use_rslora=True, std=0.04),
+        "a3": make_peft_adapter(hf_base, root / "a3", seed=3, r=4, alpha=8,
+                                targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "a4": make_peft_adapter(hf_base, root / "a4", seed=4, r=8, alpha=8,
+                                targets=["gate_proj", "up_proj", "down_proj"]),
+    }
+
+
+def make_engine(loaded, adapters, **kw) -> Engine:
+    cfg = EngineConfig(**{"num_kv_blocks": 96, "max_num_batched_tokens": 256, "max_loras": 4,
+                          "lora_adapters": {k: str(v) for k, v in adapters.items()}, **kw})
+    return Engine(loaded, cfg)
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2, adapters):
+    """Greedy tokens per (adapter, prompt) run one request at a time."""
+    eng = make_engine(smollm2, adapters, enable_prefix_caching=False)
+    return {(a, p): eng.generate(p, GREEDY, adapter_ids=[a])[0].token_ids
+            for a in (None, "a1", "a2", "a3", "a4") for p in PROMPTS[:2]}
+
+
+def test_adapters_change_the_output(alone):
+    for a in ("a1", "a2", "a3", "a4"):
+        assert any(alone[(a, p)] != alone[(None, p)] for p in PROMPTS[:2]), a
+
+
+@pytest.mark.parametrize("name", ["a1", "a2"])
+def test_matches_transformers_peft(smollm2, hf_base, adapters, alone, paged_kv, name):
+    prompts = [smollm2.tokenizer.encode(p) for p in PROMPTS[:2]]
+    ref_toks, ref_logits = peft_reference(hf_base, adapters[name], prompts, N_NEW)
+    assert [alone[(name, p)] for p in PROMPTS[:2]] == ref_toks
+    # first-step logits through the model directly, both LoRA paths
+    eng = make_engine(smollm2, {name: adapters[name]})
+    slot = eng.load_adapter(name, str(adapters[name]))
+    model = smollm2.model
+    for p, ref in zip(prompts, ref_logits):
+        got = {}
+        for mode in ("sgmv", "bgmv"):
+            kv = paged_kv(smollm2.config, num_blocks=8)
+            table = kv.alloc(len(p))
+            meta = kv.meta([(len(p), len(p), table)], [])
+            with torch.inference_mode():
+                h = model(torch.tensor(p), torch.arange(len(p)), meta, kv.caches,
+                          lora=LoraBatch.build(eng.runner.lora, [slot] * len(p), mode=mode))
+                got[mode] = model.compute_logits(h[-1:])[0]
+        assert (got["sgmv"] - ref).abs().max().item() < LOGIT_TOL
+        assert (got["bgmv"] - got["sgmv"]).abs().max().item() < BATCH_TOL
+
+
+@pytest.mark.parametrize("mode", ["sgmv", "bgmv"])
+def test_mixed_batch_equals_alone(smollm2, adapters, alone, mode):
+    eng = make_engine(smollm2, adapters, enable_prefix_caching=False, lora_mode=mode)
+    names = [None, "a1", "a2", "a3", "a4", "a1"]
+    prompts = [PROMPTS[i % 2] for i in range(len(names))]
+    outs = eng.generate(prompts, GREEDY, adapter_ids=names)
+    assert [o.token_ids for o in outs] == [alone[(a, p)] for a, p in zip(names, prompts)]
+
+
+def test_prefix_cache_is_per_adapter(smollm2, adapters):
+    eng = make_engine(smollm2, adapters)
+    prompt = ("You are a concise assistant for a railway company. Answer questions about "
+              "timetables, tickets and delays in one sentence, politely and without jargon. "
+              "When is the next train to the airport?")
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    assert len(smollm2.tokenizer.encode(prompt)) > 32
+    first = eng.generate(prompt, sp, adapter_ids=["a1"])[0]
+    other = eng.generate(prompt, sp, adapter_ids=["a2"])[0]
+    base = eng.generate(prompt, sp)[0]
+    again = eng.generate(prompt, sp, adapter_ids=["a1"])[0]
+    assert first.num_cached_tokens == 0
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0
+    assert again.num_cached_tokens >= 32
+    assert again.token_ids == first.token_ids
+
+
+def test_swap_under_continuous_requests(smollm2, adapters, alone):
+    """4 adapters through 2 slots, requests arriving while others run: none fails, outputs unchanged."""
+    eng = make_engine(smollm2, adapters, max_loras=2, enable_prefix_caching=False)
+    names = ["a1", "a2", "a3", None, "a4", "a1", "a2", "a4"]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want, got, text = {}, {}, {}
+    pending = list(enumerate(names))
+    while pending or eng.has_unfinished():
+        for _ in range(2):          # two arrivals per step
+            if pending:
+                i, a = pending.pop(0)
+                p = PROMPTS[i % 2]
+                rid = eng.add_request(p, sp, adapter_id=a)
+                want[rid], got[rid] = alone[(a, p)][:4], []
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                text[o.request_id] = o.finish_reason
+    assert got == want
+    assert set(text.values()) == {"length"} and len(text) == len(names)
+    assert eng.runner.lora.num_swaps > 0
+    assert eng.allocator.num_free_blocks == eng.allocator.num_blocks
+
+
+def test_unknown_adapter_rejected_before_queueing(smollm2, adapters):
+    eng = make_engine(smollm2, adapters)
+    with pytest.raises(UnknownAdapterError, match="nope.*known adapters: a1, a2, a3, a4"):
+        eng.add_request("hello", GREEDY, adapter_id="nope")
+    assert not eng.has_unfinished() and not eng.scheduler.requests
+    eng.unload_adapter("a3")
+    with pytest.raises(UnknownAdapterError):
+        eng.add_request("hello", GREEDY, adapter_id="a3")
+    base = make_engine(smollm2, {}, max_loras=0)
+    with pytest.raises(UnknownAdapterError):
+        base.add_request("hello", GREEDY, adapter_id="a1")
+
+
+def test_unservable_adapters_are_refused_with_the_reason(smollm2, hf_base, adapters, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    eng = make_engine(smollm2, {}, max_lora_rank=16)
+    # another base model: same architecture, other widths
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    other = make_peft_adapter(tiny, tmp_path / "other", seed=5, r=4)
+    with pytest.raises(InvalidAdapterError, match="another base model"):
+        eng.load_adapter("other", str(other))
+    # a target we do not serve
+    lm_head = make_peft_adapter(hf_base, tmp_path / "lmhead", seed=6, r=4, targets=["q_proj", "lm_head"])
+    with pytest.raises(InvalidAdapterError, match="lm_head"):
+        eng.load_adapter("lmhead", str(lm_head))
+    # DoRA
+    dora = make_peft_adapter(hf_base, tmp_path / "dora", seed=7, r=4, targets=["q_proj"], use_dora=True)
+    with pytest.raises(InvalidAdapterError, match="DoRA"):
+        eng.load_adapter("dora", str(dora))
+    # rank above the slot capacity
+    big = make_peft_adapter(hf_base, tmp_path / "big", seed=8, r=32, targets=["q_proj"])
+    with pytest.raises(InvalidAdapterError, match="max_lora_rank=16"):
+        eng.load_adapter("big", str(big))
+    # a configured-but-bad adapter fails at add_request (INVALID_ARGUMENT), before queueing
+    cfg = json.loads((adapters["a1"] / "adapter_config.json").read_text())
+    bad = tmp_path / "bad_targets"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "embed_tokens"]}))
+    (bad / "adapter_model.safetensors").write_bytes((adapters["a1"] / "adapter_model.safetensors").read_bytes())
+    eng.runner.lora.register("bad", str(bad))
+    with pytest.raises(InvalidRequestError, match="adapter_id: .*embed_tokens"):
+        eng.add_request("hello", GREEDY, adapter_id="bad")
+    assert not eng.scheduler.requests

@@ -1,0 +1,461 @@
+"""LoRA adapters on a shared base model: PEFT-layout loading, GPU/CPU slots, batched multi-adapter deltas.
+
+An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors) with rank r, alpha and
+target modules among q/k/v/o/gate/up/down_proj. `AdapterManager` keeps a fixed number of slots on
+the model's device: per layer and per fused projection ("qkv", "o", "gate_up", "down") one stacked A
+`[slots, n_sub * r_max, in]` and, per sub-projection, one stacked B `[slots, out_sub, r_max]` with
+the scaling folded in (zero-padded to r_max). Slot 0 is reserved and all zeros: "no adapter".
+Behind the slots sits an LRU of host-memory copies, so a swap is a host->device copy, not a disk read.
+
+Per step the runner hands `LoraBatch.build` each token's slot; every projection then adds
+`B[slot] @ (A[slot] @ x)` per token, either
+
+* segmented ("sgmv"): the runner orders tokens by slot, so each adapter present covers at most a
+  couple of contiguous row ranges; one shrink matmul and one expand addmm per sub-projection per
+  range (a loop over the distinct adapters in the batch, never over tokens), or
+* gathered ("bgmv"): per-token A/B gathered by slot index and `torch.bmm` over tokens.
+
+`mode="auto"` picks segmented unless the batch has many short segments (see `LoraBatch.build`);
+bench/lora_bench.py measures both. A batch with no adapter builds no LoraBatch at all (zero cost).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.engine.config import ModelConfig
+from workers.engine.errors import InvalidRequestError, UnknownAdapterError
+
+# fused projection -> its sub-projections, in the order their outputs are concatenated
+KINDS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+SUPPORTED_TARGETS = tuple(m for subs in KINDS.values() for m in subs)
+_SUB_KIND = {m: (k, i) for k, subs in KINDS.items() for i, m in enumerate(subs)}
+_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class InvalidAdapterError(InvalidRequestError):
+    """An adapter this engine cannot serve (DoRA, unsupported target, rank too high, other base)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__("adapter_id", f"adapter {name!r}: {message}")
+        self.adapter = name
+
+
+def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA-able projection."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+# ------------------------------------------------------------------------------------------------
+# one adapter, in host memory
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    scaling: float
+    targets: tuple[str, ...]                 # sub-projection names present in the weights
+    # layer -> module -> (A [r, in], B*scaling [out, r]) on the host
+    weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    base_model: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for mods in self.weights.values() for a, b in mods.values())
+
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, subs in KINDS.items() if any(s in self.targets for s in subs))
+
+
+def read_peft_config(path: Path, name: str) -> dict:
+    f = path / "adapter_config.json"
+    if not f.is_file():
+        raise InvalidAdapterError(name, f"{path} has no adapter_config.json (expected a PEFT LoRA folder)")
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise InvalidAdapterError(name, f"{f} is not valid JSON: {e}") from None
+
+
+def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_rank: int,
+                 dtype: torch.dtype = torch.float32, pin: bool = False) -> LoraAdapter:
+    """Read and validate a PEFT LoRA folder against the base model; raises InvalidAdapterError."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InvalidAdapterError(name, f"adapter path {str(p)!r} is not a folder")
+    cfg = read_peft_config(p, name)
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise InvalidAdapterError(name, f"peft_type {cfg.get('peft_type')!r} is not served (only LORA)")
+    if cfg.get("use_dora"):
+        raise InvalidAdapterError(name, "DoRA adapters (use_dora=true) are not served; merge or retrain as plain LoRA")
+    if cfg.get("fan_in_fan_out"):
+        raise InvalidAdapterError(name, "fan_in_fan_out=true (Conv1D layout) is not served for Llama-family models")
+    if cfg.get("bias", "none") not in ("none", None):
+        raise InvalidAdapterError(name, f"bias={cfg.get('bias')!r} is not served (only bias='none')")
+    if cfg.get("modules_to_save"):
+        raise InvalidAdapterError(name, f"modules_to_save={cfg['modules_to_save']} is not served (only LoRA deltas)")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(k):
+            raise InvalidAdapterError(name, f"{k} (per-module ranks/alphas) is not served")
+    tm = cfg.get("target_modules")
+    if isinstance(tm, (list, tuple)):
+        bad = sorted({str(m).rsplit(".", 1)[-1] for m in tm} - set(SUPPORTED_TARGETS))
+        if bad:
+            raise InvalidAdapterError(name, f"target modules {bad} are not served; supported: {list(SUPPORTED_TARGETS)}")
+    r = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", r))
+    if r <= 0:
+        raise InvalidAdapterError(name, f"rank r={r} must be positive")
+    if r > max_rank:
+        raise InvalidAdapterError(name, f"rank r={r} exceeds this engine's max_lora_rank={max_rank}")
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+    wf = p / "adapter_model.safetensors"
+    if not wf.is_file():
+        raise InvalidAdapterError(name, f"{p} has no adapter_model.safetensors")
+    sd = load_file(str(wf))
+    dims = module_dims(model_config)
+    raw: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in sd.items():
+        m = _KEY_RE.search(key)
+        if not m:
+            raise InvalidAdapterError(name, f"weight {key!r} is not a LoRA A/B matrix of a served target "
+                                            f"(supported: {list(SUPPORTED_TARGETS)})")
+        layer, mod, ab = int(m.group(1)), m.group(2), m.group(3)
+        if mod not in dims:
+            raise InvalidAdapterError(name, f"target module {mod!r} is not served; supported: {list(SUPPORTED_TARGETS)}")
+        if layer >= model_config.num_hidden_layers:
+            raise InvalidAdapterError(name, f"weight {key!r} is for layer {layer} but the base model has "
+                                            f"{model_config.num_hidden_layers} layers (another base model?)")
+        raw.setdefault(layer, {}).setdefault(mod, {})[ab] = t
+    if not raw:
+        raise InvalidAdapterError(name, "adapter_model.safetensors holds no LoRA weights")
+    weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    targets: set[str] = set()
+    for layer, mods in raw.items():
+        for mod, ab in mods.items():
+            if set(ab) != {"A", "B"}:
+                raise InvalidAdapterError(name, f"layer {layer} {mod}: needs both lora_A and lora_B")
+            a, b = ab["A"], ab["B"]
+            fin, fout = dims[mod]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise InvalidAdapterError(name, f"layer {layer} {mod}: lora_A {tuple(a.shape)} / lora_B "
+                                                f"{tuple(b.shape)} do not match rank r={r}")
+            if a.shape[1] != fin or b.shape[0] != fout:
+                raise InvalidAdapterError(
+                    name, f"layer {layer} {mod}: adapter is {a.shape[1]} -> {b.shape[0]} but the base model's "
+                          f"{mod} is {fin} -> {fout}; it was trained for another base model "
+                          f"({cfg.get('base_model_name_or_path') or 'unknown'})")
+            a = a.to(dtype).contiguous()
+            b = (b.to(torch.float32) * scaling).to(dtype).contiguous()
+            if pin:
+                a, b = a.pin_memory(), b.pin_memory()
+            weights.setdefault(layer, {})[mod] = (a, b)
+            targets.add(mod)
+    return LoraAdapter(name=name, path=str(p), rank=r, alpha=alpha, scaling=scaling,
+                       targets=tuple(m for m in SUPPORTED_TARGETS if m in targets), weights=weights,
+                       base_model=str(cfg.get("base_model_name_or_path") or ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# slots on the device
+
+class _LayerStacks:
+    """One layer's stacked A/B per fused projection."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, rmax: int, device, dtype):
+        dims = module_dims(cfg)
+        self.A: list[torch.Tensor] = []                # per kind: [S, n_sub * rmax, in]
+        self.B: list[list[torch.Tensor]] = []          # per kind, per sub: [S, out_sub, rmax]
+        self.out_offsets: list[list[tuple[int, int]]] = []
+        for subs in KINDS.values():
+            fin = dims[subs[0]][0]
+            self.A.append(torch.zeros((slots, len(subs) * rmax, fin), device=device, dtype=dtype))
+            self.B.append([torch.zeros((slots, dims[s][1], rmax), device=device, dtype=dtype) for s in subs])
+            offs, o = [], 0
+            for s in subs:
+                offs.append((o, o + dims[s][1]))
+                o += dims[s][1]
+            self.out_offsets.append(offs)
+
+
+class AdapterManager:
+    """Adapter registry (name -> path), host LRU cache, and `max_loras` device slots (+ reserved slot 0).
+
+    Thread-safe for the worker's use: `prefetch` may run on another thread than `acquire`.
+    """
+
+    def __init__(self, model_config: ModelConfig, *, max_loras: int = 4, max_lora_rank: int = 16,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_cpu_loras: int | None = None, mode: str = "auto"):
+        if max_loras < 1:
+            raise ValueError("max_loras must be >= 1 to serve adapters")
+        self.model_config = model_config
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(4 * max_loras, 16)
+        self.mode = mode
+        self.registry: dict[str, str] = {}
+        self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._slot_name: list[str | None] = [None] * (max_loras + 1)   # index 0 reserved
+        self._slot_of: dict[str, int] = {}
+        self._slot_adapter: list[LoraAdapter | None] = [None] * (max_loras + 1)
+        self._slot_used: list[float] = [0.0] * (max_loras + 1)
+        self._layers: list[_LayerStacks] | None = None   # allocated on first load
+        self._lock = threading.RLock()
+        self.num_swaps = 0
+        self.last_load_ms = 0.0
+
+    # ---- registry ------------------------------------------------------------------------------
+    def register(self, name: str, path: str | Path) -> None:
+        if not name:
+            raise ValueError("adapter name must not be empty")
+        with self._lock:
+            old = self.registry.get(name)
+            self.registry[name] = str(path)
+            if old is not None and old != str(path):
+                self._host.pop(name, None)
+                self._drop_slot(name)
+
+    def unregister(self, name: str, pinned: set[int] | frozenset = frozenset()) -> bool:
+        """Forget an adapter: new requests for it fail; its slot is freed now unless a running request uses it."""
+        with self._lock:
+            if self.registry.pop(name, None) is None:
+                return False
+            self._host.pop(name, None)
+            s = self._slot_of.get(name)
+            if s is not None and s not in pinned:
+                self._drop_slot(name)
+            return True
+
+    def names(self) -> list[str]:
+        return sorted(self.registry)
+
+    def check(self, name: str) -> None:
+        if name not in self.registry:
+            known = ", ".join(self.names()) or "none"
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded on this engine; known adapters: {known}")
+
+    def slot_of(self, name: str) -> int | None:
+        return self._slot_of.get(name)
+
+    def slot_names(self) -> list[str | None]:
+        return list(self._slot_name[1:])
+
+    # ---- host cache ----------------------------------------------------------------------------
+    def prefetch(self, name: str) -> LoraAdapter:
+        """The adapter in host memory (read and validated from disk once; LRU-bounded)."""
+        with self._lock:
+            self.check(name)
+            ad = self._host.get(name)
+            if ad is not None:
+                self._host.move_to_end(name)
+                return ad
+            path = self.registry[name]
+        ad = load_adapter(name, path, self.model_config, max_rank=self.max_lora_rank, dtype=self.dtype,
+                          pin=self.device.type == "cuda")
+        with self._lock:
+            if self.registry.get(name) != path:     # unregistered/re-registered meanwhile
+                self.check(name)
+                return self.prefetch(name)
+            self._host[name] = ad
+            self._host.move_to_end(name)
+            while len(self._host) > self.max_cpu_loras:
+                old = next(iter(self._host))
+                if old == name:
+                    break
+                self._host.pop(old)
+            return ad
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def _ensure_stacks(self) -> list[_LayerStacks]:
+        if self._layers is None:
+            cfg = self.model_config
+            self._layers = [_LayerStacks(cfg, self.max_loras + 1, self.max_lora_rank, self.device, self.dtype)
+                            for _ in range(cfg.num_hidden_layers)]
+        return self._layers
+
+    def _drop_slot(self, name: str) -> None:
+        s = self._slot_of.pop(name, None)
+        if s is not None:
+            self._slot_name[s] = None
+            self._slot_adapter[s] = None
+
+    def acquire(self, name: str, pinned: set[int] | frozenset = frozenset()) -> int:
+        """The slot holding `name`, loading it into a free slot or the least-recently-used slot not in
+        `pinned` (slots running requests use). Raises UnknownAdapterError / InvalidAdapterError, or
+        RuntimeError when every slot is pinned (the scheduler's max_loras bound prevents that)."""
+        with self._lock:
+            s = self._slot_of.get(name)
+            if s is not None:
+                self._slot_used[s] = time.monotonic()
+                return s
+        t0 = time.perf_counter()
+        ad = self.prefetch(name)
+        with self._lock:
+            free = [i for i in range(1, self.max_loras + 1) if self._slot_name[i] is None]
+            if free:
+                s = free[0]
+            else:
+                cands = [i for i in range(1, self.max_loras + 1) if i not in pinned]
+                if not cands:
+                    raise RuntimeError(f"all {self.max_loras} adapter slots are in use by running requests; "
+                                       f"cannot load {name!r} (raise max_loras)")
+                s = min(cands, key=lambda i: self._slot_used[i])
+                self._drop_slot(self._slot_name[s])
+                self.num_swaps += 1
+            self._write_slot(s, ad)
+            self._slot_name[s] = name
+            self._slot_of[name] = s
+            self._slot_adapter[s] = ad
+            self._slot_used[s] = time.monotonic()
+        self.last_load_ms = 1000 * (time.perf_counter() - t0)
+        return s
+
+    def load(self, name: str, path: str | Path | None = None,
+             pinned: set[int] | frozenset = frozenset()) -> int:
+        """Register (when path is given) and bring into a slot now; returns the slot."""
+        if path is not None:
+            self.register(name, path)
+        return self.acquire(name, pinned)
+
+    @torch.inference_mode()
+    def _write_slot(self, s: int, ad: LoraAdapter) -> None:
+        layers = self._ensure_stacks()
+        r, R = ad.rank, self.max_lora_rank
+        nb = self.device.type == "cuda"
+        for li, st in enumerate(layers):
+            mods = ad.weights.get(li, {})
+            for ki, subs in enumerate(KINDS.values()):
+                A = st.A[ki][s]
+                A.zero_()
+                for j, sub in enumerate(subs):
+                    B = st.B[ki][j][s]
+                    B.zero_()
+                    w = mods.get(sub)
+                    if w is None:
+                        continue
+                    A[j * R:j * R + r].copy_(w[0], non_blocking=nb)
+                    B[:, :r].copy_(w[1], non_blocking=nb)
+        if nb:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ---- per step ------------------------------------------------------------------------------
+    def adapter_in_slot(self, s: int) -> LoraAdapter | None:
+        return self._slot_adapter[s]
+
+    def memory_bytes(self) -> dict:
+        """Device bytes for all slots, per slot, and host bytes of the cached adapters."""
+        layers = self._layers
+        dev = 0
+        if layers is not None:
+            for st in layers:
+                dev += sum(a.numel() * a.element_size() for a in st.A)
+                dev += sum(b.numel() * b.element_size() for bs in st.B for b in bs)
+        return {"device_bytes": dev, "device_bytes_per_slot": dev // (self.max_loras + 1),
+                "host_bytes": sum(a.nbytes for a in self._host.values())}
+
+
+# ------------------------------------------------------------------------------------------------
+# the batched forward
+
+class LoraBatch:
+    """The LoRA work of one forward: which token rows use which slot. `apply` adds the deltas in place."""
+
+    def __init__(self, mgr: AdapterManager, mode: str, slots_t: torch.Tensor | None,
+                 segments: list[list[tuple[int, int, int, int]]]):
+        self.mgr = mgr
+        self.layers = mgr._ensure_stacks()
+        self.R = mgr.max_lora_rank
+        self.mode = mode
+        self.slots_t = slots_t            # [T] long, bgmv
+        self.segments = segments          # per kind: [(slot, start, end, rank)], sgmv
+        self.active_kinds = [bool(s) for s in segments]
+        self.subs_active = {}             # (slot, kind) -> tuple of bools per sub
+
+    @classmethod
+    def build(cls, mgr: AdapterManager, token_slots: list[int], mode: str | None = None,
+              device=None) -> LoraBatch | None:
+        """token_slots: the slot per token row (0 = none). None when no row uses an adapter."""
+        T = len(token_slots)
+        runs: list[tuple[int, int, int]] = []      # (slot, start, end) of contiguous non-zero runs
+        start = 0
+        for i in range(1, T + 1):
+            if i == T or token_slots[i] != token_slots[start]:
+                if token_slots[start]:
+                    runs.append((token_slots[start], start, i))
+                start = i
+        if not runs:
+            return None
+        mode = mode or mgr.mode
+        if mode == "auto":
+            # Many short runs (decode of many adapters): one gathered bmm beats a Python loop.
+            mode = "bgmv" if len(runs) > 4 and len(runs) * 2 > T * 0.5 and T <= 64 else "sgmv"
+        segs: list[list[tuple[int, int, int, int]]] = [[] for _ in KINDS]
+        for slot, s, e in runs:
+            ad = mgr.adapter_in_slot(slot)
+            if ad is None:
+                continue
+            for k in ad.kinds():
+                segs[KIND_INDEX[k]].append((slot, s, e, ad.rank))
+        slots_t = None
+        if mode == "bgmv":
+            slots_t = torch.tensor(token_slots, dtype=torch.long, device=device or mgr.device)
+        b = cls(mgr, mode, slots_t, segs)
+        for slot, _, _, _ in (x for seg in segs for x in seg):
+            ad = mgr.adapter_in_slot(slot)
+            for ki, subs in enumerate(KINDS.values()):
+                b.subs_active[(slot, ki)] = tuple(sb in ad.targets for sb in subs)
+        return b
+
+    def apply(self, layer: int, kind: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[t] += sum over sub-projections of B[slot_t] @ (A[slot_t] @ x[t]) (scaling is in B)."""
+        if not self.active_kinds[kind]:
+            return
+        st = self.layers[layer]
+        A, Bs, offs = st.A[kind], st.B[kind], st.out_offsets[kind]
+        R = self.R
+        if self.mode == "bgmv":
+            idx = self.slots_t
+            a = A.index_select(0, idx)                                # [T, nR, in]
+            xa = torch.bmm(a, x.unsqueeze(-1))                        # [T, nR, 1]
+            for j, (o0, o1) in enumerate(offs):
+                b = Bs[j].index_select(0, idx)                        # [T, out_j, R]
+                out[:, o0:o1] += torch.bmm(b, xa[:, j * R:(j + 1) * R]).squeeze(-1)
+            return
+        nsub = len(offs)
+        for slot, s, e, r in self.segments[kind]:
+            active = self.subs_active[(slot, kind)]
+            xs = x[s:e]
+            if nsub == 1:
+                xa = xs @ A[slot, :r].t()
+                out[s:e].addmm_(xa, Bs[0][slot, :, :r].t())
+                continue
+            xa = xs @ A[slot].t()                                     # [n, nsub * R]
+            for j, (o0, o1) in enumerate(offs):
+                if active[j]:
+                    out[s:e, o0:o1].addmm_(xa[:, j * R:j * R + r], Bs[j][slot, :, :r].t())
