@@ -311,7 +311,15 @@ def serve(port: int | None, host: str = "127.0.0.1", registry: CollectorRegistry
     host = os.environ.get("SWITCHYARD_METRICS_HOST") or host   # 0.0.0.0 in containers
     from prometheus_client import start_http_server
     with _server_lock:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            # The launcher picked a free port, but something took it before this process bound it
+            # (a race on a busy machine). Serving metrics elsewhere beats failing the service.
+            server, _thread = start_http_server(0, addr=host, registry=registry)
+            import logging
+            logging.getLogger("switchyard.metrics").warning(
+                "/metrics port %d unavailable (%s); serving on %d instead", port, e, server.server_port)
     return server.server_port
 
 
