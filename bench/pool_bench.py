@@ -8,7 +8,7 @@
 3. a 10x spike on a model with one replica: time from spike start to the scaler's new replica
    serving its first request.
 
-Writes JSON (default bench/results/pool.json) and prints a summary. CPU by default; `--device cuda`
+Writes JSON (default benchmarks/results/pool.json) and prints a summary. CPU by default; `--device cuda`
 on a GPU host.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Load:
         while len(self._tasks) < n:
             self._tasks.append(asyncio.create_task(client(len(self._tasks))))
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self.resize(self.n)
         return self
 
@@ -141,9 +141,10 @@ async def _models(stub) -> dict:
 
 
 async def run(router: str, args) -> dict:
+    import grpc
+
     from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
     from services.rpc import options
-    import grpc
     out: dict = {}
     async with grpc.aio.insecure_channel(router, options=options()) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spike-base", type=int, default=1)
     ap.add_argument("--spike-max-tokens", type=int, default=64)
     ap.add_argument("--spike-timeout-s", type=float, default=240.0)
-    ap.add_argument("--out", default="bench/results/pool.json")
+    ap.add_argument("--out", default="benchmarks/results/pool.json")
     args = ap.parse_args(argv)
 
     from bench.common import local_stack, machine_info, stack_config, write_json

@@ -51,18 +51,23 @@ class PoolRouting:
         self.catalog = load_catalog(cfg.pool_config)
         self.classifier = load_classifier(self.catalog)
         from services import rpc
-        self._channel = rpc.channel(f"{cfg.host}:{cfg.pool_control_port}", cfg.max_message_bytes)
-        self.pool = pool_pb2_grpc.PoolStub(self._channel)
+        # No pool control port (a cluster: KEDA scales the replicas): route over what heartbeats.
+        self._channel = rpc.channel(f"{cfg.host}:{cfg.pool_control_port}", cfg.max_message_bytes) \
+            if cfg.pool_control_port else None
+        self.pool = pool_pb2_grpc.PoolStub(self._channel) if self._channel is not None else None
         self.info: dict[str, inference_pb2.ModelInfo] = {}
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        if self.pool is None:
+            return
         self._task = asyncio.create_task(self._poll(), name="router-pool-poll")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def _poll(self) -> None:
         while True:
@@ -109,8 +114,7 @@ class PoolRouting:
         """-> (catalogue model name or a served name, reason). Raises RequestError."""
         if request.model:
             name = request.model
-            base, version = split_served(name)
-            if self.catalog.get(base) is not None:
+            if self.catalog.get(split_served(name)[0]) is not None:
                 return name, "model named in the request"
             if name in self.router.table.models():   # served outside the catalogue
                 return name, "model named in the request"
@@ -148,7 +152,7 @@ class PoolRouting:
         with tracing.span("router.pool_load_wait") if tracing.ENABLED else _null():
             while True:
                 now = time.monotonic()
-                if now >= next_load:   # idempotent; repeated in case a load failed or raced an eviction
+                if now >= next_load and self.pool is not None:   # idempotent; repeated in case a load failed or raced an eviction
                     next_load = now + 2.0
                     try:
                         await self.pool.LoadModel(inference_pb2.LoadModelRequest(name=base, version=version,
@@ -189,11 +193,12 @@ class PoolRouting:
                                      "switchyard.route.reason": reason})
         return req
 
-    async def reroute(self, served: str, token_ids: list[int], failed_worker: str, context) -> str | None:
+    async def reroute(self, served: str, token_ids: list[int], failed_worker: str, context,
+                      adapter_id: str | None = None) -> str | None:
         """A replica refused a request before any token (it was being unloaded): another worker, or None."""
         try:
             served2 = await self.ensure_served(split_served(served)[0], context)
-            wid = await self.router._pick_worker(served2, token_ids)
+            wid = await self.router._pick_worker(served2, token_ids, adapter_id)
         except RequestError:
             return None
         return None if wid == failed_worker else wid
@@ -201,12 +206,28 @@ class PoolRouting:
     # ---- Admin / ListModels ------------------------------------------------------------------------
     async def admin(self, method: str, request, context):
         check_admin(context, self.router.cfg)
+        if self.pool is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "no model pool control here (pool_control_port "
+                                                                    "unset): scale replicas with the orchestrator")
         try:
             return await getattr(self.pool, method)(request, timeout=self.catalog.pool.load_timeout_s + 60.0)
         except grpc.aio.AioRpcError as e:
             raise RequestError(e.code(), e.details()) from None
 
     async def list_models(self) -> inference_pb2.ListModelsResponse:
+        if self.pool is None:   # the catalogue plus what heartbeats
+            resp = inference_pb2.ListModelsResponse()
+            table = self.router.table.models()
+            for m in self.catalog.models:
+                served = self.served_names(m.name)
+                ws = [w for s in served for w in table[s]]
+                resp.models.add(name=m.name, state="ready" if ws else "unloaded",
+                                version=split_served(served[0])[1] if served else m.version,
+                                capabilities=m.capabilities, replicas=len(ws), num_workers=len(ws),
+                                queue_depth=sum(w.reported_load for w in ws), workers=sorted(w.worker_id for w in ws),
+                                memory_gb=m.memory_gb, gpu_usd_per_hour=m.gpu_usd_per_hour, source=m.source,
+                                min_replicas=m.min_replicas, max_replicas=m.max_replicas, max_model_len=m.max_context)
+            return resp
         try:
             return await self.pool.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0)
         except grpc.aio.AioRpcError as e:

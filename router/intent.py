@@ -29,12 +29,14 @@ class RuleClassifier:
             self._rules.append((r.capability, kw, rx))
 
     @classmethod
-    def from_catalog(cls, catalog: Catalog) -> "RuleClassifier":
+    def from_catalog(cls, catalog: Catalog) -> RuleClassifier:
         caps = {c for m in catalog.models for c in m.capabilities}
         return cls(catalog.intents, caps)
 
     def classify(self, text: str, hint: str = "") -> tuple[str | None, str]:
         h = (hint or "").strip().lower()
+        if h == "auto":   # "let the router decide" (switchyard generate without --model)
+            hint, h = "", ""
         if h and h in self.capabilities:
             return h, f"intent {h!r} names a capability"
         probe = f"{hint}\n{text}" if hint else text

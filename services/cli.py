@@ -40,7 +40,7 @@ def cmd_generate(args) -> int:
     from services.client import stream_generate
     return stream_generate(args.router, args.prompt, model=args.model, max_tokens=args.max_tokens,
                            temperature=args.temperature, seed=args.seed, chat=args.chat,
-                           timeout=args.timeout, verbose=args.verbose)
+                           timeout=args.timeout, verbose=args.verbose, intent=args.intent)
 
 
 def status_dict(router: str, timeout: float = 5.0) -> dict:
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")
     gen.add_argument("--model", default=None)
+    gen.add_argument("--intent", default=None, help="no --model: a capability hint for the router (model pool)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)

@@ -11,12 +11,14 @@ from services.rpc import options
 
 def stream_generate(router: str, prompt: str, *, model: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, seed: int | None = None, chat: bool = False,
-                    timeout: float = 300.0, verbose: bool = False, out=sys.stdout) -> int:
+                    timeout: float = 300.0, verbose: bool = False, out=sys.stdout, intent: str = "") -> int:
     """Stream one completion to `out` as it arrives; returns a process exit code."""
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
     if seed is not None:
         sampling.seed = seed
-    req = inference_pb2.GenerateRequest(model=model or "", sampling=sampling, intent="" if model else "chat")
+    # No model: let the router choose (the default model; with a model pool, by intent - "auto" names
+    # no capability, so the pool's intent rules read the prompt).
+    req = inference_pb2.GenerateRequest(model=model or "", sampling=sampling, intent="" if model else (intent or "auto"))
     if chat:
         req.messages.add(role="user", content=prompt)
     else:
@@ -25,9 +27,13 @@ def stream_generate(router: str, prompt: str, *, model: str | None = None, max_t
         stub = inference_pb2_grpc.InferenceStub(ch)
         last = None
         try:
-            if not model:
-                req.model = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models[0].name
-            for resp in stub.Generate(req, timeout=timeout):
+            call = stub.Generate(req, timeout=timeout)
+            for resp in call:
+                if verbose and last is None:
+                    md = dict(call.initial_metadata() or ())
+                    if md.get("x-switchyard-model"):
+                        print(f"[model {md['x-switchyard-model']}@{md.get('x-switchyard-model-version', '')}: "
+                              f"{md.get('x-switchyard-route-reason', '')}]", file=sys.stderr)
                 out.write(resp.text)
                 out.flush()
                 last = resp

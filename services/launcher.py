@@ -215,7 +215,9 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stack = Stack(cfg, workdir)
-    print(f"switchyard: starting {cfg.workers} worker(s) of {cfg.model}; logs in {stack.log_dir}", file=out, flush=True)
+    what = (f"a pool of {len(stack.pool.catalog.models)} model(s) from {cfg.pool_config}" if stack.pool is not None
+            else f"{cfg.workers} worker(s) of {cfg.model}")
+    print(f"switchyard: starting {what}; logs in {stack.log_dir}", file=out, flush=True)
     try:
         stack.start()
     except Exception as e:

@@ -1,0 +1,45 @@
+"""Launcher glue for a model pool (`switchyard up --pool switchyard.toml`): kept out of launcher.py.
+
+The catalogue's [stack] table fills StackConfig fields still at their defaults (the command line
+and --config win); the launcher itself then starts no fixed workers (PoolManager starts each
+model's min_replicas once the router is up); `model` becomes the catalogue's default model.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+from services.catalog import SOURCES_ENV, load_catalog
+from services.config import StackConfig, write_config
+from services.ports import check_free, free_port
+
+
+def apply_stack_overrides(cfg: StackConfig, overrides: dict) -> StackConfig:
+    defaults = StackConfig()
+    known = {f.name for f in fields(StackConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"[stack]: unknown keys {unknown}; known: {sorted(known)}")
+    take = {k: v for k, v in overrides.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return replace(cfg, **take) if take else cfg
+
+
+def make_pool(stack):
+    """-> (cfg, config_path, PoolManager) for Stack.__init__."""
+    # The pool forks replicas while this process runs gRPC (its control server, the launcher's health
+    # checks). gRPC's fork handlers then run in the child between fork and exec and can abort it
+    # ("Check failed: next_worker->state == KICKED"); the child only execs, so turn them off. Must
+    # be set before grpc is first imported (nothing imports it before Stack.__init__).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from services.pool import PoolManager
+    cfg: StackConfig = stack.cfg
+    path = str(Path(cfg.pool_config).resolve())
+    catalog = load_catalog(path)
+    cfg = apply_stack_overrides(cfg, catalog.stack)
+    port = free_port(cfg.host) if cfg.pool_control_port == 0 else check_free(cfg.pool_control_port, "pool", cfg.host)
+    cfg = replace(cfg, pool_config=path, pool_control_port=port, workers=0, model=catalog.default_model)
+    pool = PoolManager(cfg, catalog, stack.workdir, stack.log_dir)
+    os.environ[SOURCES_ENV] = str(pool.sources_path)   # inherited by every child: tokenizer lookups
+    config_path = write_config(cfg, stack.workdir / "stack-config.json")
+    return cfg, config_path, pool
