@@ -254,6 +254,24 @@ class LlamaForCausalLM(nn.Module):
                 self.rotary_emb.build(self.device)
 
     @torch.no_grad()
+    def relayout_for_cpu(self) -> None:
+        """Store projection weights as [in, out] (exposed as the usual [out, in] transposed view).
+
+        On CPU, `F.linear` over that layout runs the small-batch matmuls of decode steps (4-32 rows)
+        about 1.6-2x faster than over [out, in]; large batches are unchanged. Idempotent; a copy
+        of the weights, so it is done once when an engine is built, not per step. A tied lm_head
+        stays as is (the embedding lookup wants rows)."""
+        mods = [m for layer in self.model.layers
+                for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        if not self.config.tie_word_embeddings:
+            mods.append(self.lm_head)
+        for m in mods:
+            w = m.weight
+            if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous():
+                m.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=False)
+
+    @torch.no_grad()
     def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random normal(0, std) matrices, unit norms, zero biases; generated on the weights' device."""
         dev = self.device

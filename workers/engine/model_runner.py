@@ -47,6 +47,8 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = next(self.model.parameters()).dtype
+        if self.device.type == "cpu":
+            self.model.relayout_for_cpu()
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         ctx = config.max_model_len or mc.max_position_embeddings
