@@ -256,19 +256,26 @@ class BatcherService:
 
     # ---- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
+        pending: list[RequestOutput] = []   # last step's outputs, published while the next step runs
         while True:
             core = self.core
             if core is None or not self.healthy:
+                await self._publish_step(pending)
+                pending = []
                 await self._reconnect()
                 continue
             self._apply_aborts()
             if not core.has_unfinished():
-                await self._flush_kv_events()
+                await self._publish_step(pending)
+                pending = []
                 self._wake.clear()
                 await self._wake.wait()
+                await self._gather_burst()
                 continue
             plan = core.schedule()
             if plan.is_empty and not plan.finished_ids:
+                await self._publish_step(pending)
+                pending = []
                 # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
                 self._wake.clear()
                 try:
@@ -278,16 +285,35 @@ class BatcherService:
                 continue
             trace = self._spans.step_context(plan) if self._spans is not None and self._spans.reqs else None
             t_step = time.perf_counter()
+            # Send the plan first, then publish the previous step's tokens while the worker computes:
+            # NATS publishing and the router's relay stay off the step's critical path.
+            step = asyncio.ensure_future(self.remote.execute(plan, trace))
+            await self._publish_step(pending)
+            pending = []
             try:
-                result = await self.remote.execute(plan, trace)
+                result = await step
             except WorkerLostError as e:
                 await self._on_worker_lost(str(e))
                 continue
             self.metrics.step(time.perf_counter() - t_step, plan.num_tokens)
-            outputs = core.process(result)
-            if outputs:
-                await self._publish_outputs(outputs)
-            await self._flush_kv_events()
+            pending = core.process(result)
+
+    async def _publish_step(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            await self._publish_outputs(outputs)
+        await self._flush_kv_events()
+
+    async def _gather_burst(self) -> None:
+        """After idling, wait while requests keep arriving less than admission_window_ms apart
+        (at most 10 windows): a burst's requests reach us a few ms apart, and running a prefill of
+        the first alone would make the rest wait a whole step. A lone request pays one window."""
+        gap = self.cfg.admission_window_ms / 1000
+        for _ in range(10 if gap > 0 else 0):
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=gap)
+            except asyncio.TimeoutError:
+                return
 
     def _apply_aborts(self) -> None:
         if not self._aborts or self.core is None:

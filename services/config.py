@@ -33,6 +33,7 @@ class StackConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     max_waiting: int = 256
+    admission_window_ms: float = 3.0     # idle batcher: gather arrivals closer than this into one step
     enable_prefix_caching: bool = True
     torch_threads: int | None = None     # per worker; None: the machine's cores / workers
     # LoRA adapters served on the base model by every worker: name -> PEFT folder (adapter_config.json +
