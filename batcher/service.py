@@ -256,7 +256,7 @@ class BatcherService:
 
     # ---- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
-        pending: list[RequestOutput] = []   # last step's outputs, published while the next step runs
+        pending: list[tuple[str, bytes]] = []   # last step's chunks, published while the next step runs
         while True:
             core = self.core
             if core is None or not self.healthy:
@@ -296,11 +296,12 @@ class BatcherService:
                 await self._on_worker_lost(str(e))
                 continue
             self.metrics.step(time.perf_counter() - t_step, plan.num_tokens)
-            pending = core.process(result)
+            pending = self._encode_outputs(core.process(result))
 
-    async def _publish_step(self, outputs: list[RequestOutput]) -> None:
-        if outputs:
-            await self._publish_outputs(outputs)
+    async def _publish_step(self, chunks: list[tuple[str, bytes]]) -> None:
+        publish = self.nc.publish
+        for subject, data in chunks:
+            await publish(subject, data)
         await self._flush_kv_events()
 
     async def _gather_burst(self) -> None:
@@ -327,8 +328,10 @@ class BatcherService:
                 if self._spans is not None:
                     self._spans.abort(rid)
 
-    async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
-        publish = self.nc.publish
+    def _encode_outputs(self, outputs: list[RequestOutput]) -> list[tuple[str, bytes]]:
+        """One TokenChunk per request that produced tokens this step, with usage, cost, metrics
+        and spans settled now (at the step's end); only the sending is deferred."""
+        chunks: list[tuple[str, bytes]] = []
         reply = self._reply
         cost = self.metrics.cost
         spans = self._spans if self._spans is not None and self._spans.reqs else None
@@ -360,7 +363,8 @@ class BatcherService:
                     spans.output(o, u.cost_usd)
             elif spans is not None:
                 spans.output(o)
-            await publish(subject, chunk.SerializeToString())
+            chunks.append((subject, chunk.SerializeToString()))
+        return chunks
 
     async def _flush_kv_events(self) -> None:
         if not self._kv_events:
