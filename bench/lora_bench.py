@@ -127,7 +127,7 @@ def match_peft(loaded, cfg: EngineConfig, adapters: dict[str, Path], n_new: int)
         return {"match_peft": None, "reason": "random-weight model: no HF folder for transformers + peft"}
     import transformers
 
-    from tests.lora_helpers import import_peft
+    from bench.peft_reference import import_peft
     peft = import_peft()
     hf = transformers.AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
     eng = Engine(loaded, EngineConfig(**{**vars(cfg), "lora_adapters": {k: str(v) for k, v in adapters.items()}}))

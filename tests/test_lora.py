@@ -1,7 +1,7 @@
 """LoRA adapters on SmolLM2-135M (CPU, float32): PEFT equivalence, mixed batches, prefix-cache isolation,
 slot swaps under traffic, and the errors for unknown / unservable adapters.
 
-Adapters are made by `peft` itself (tests/lora_helpers.py) with seeded normal(0, 0.05) A and B, so every
+Adapters are made by `peft` itself (bench/peft_reference.py) with seeded normal(0, 0.05) A and B, so every
 adapter visibly changes the base model's greedy output. Measured (CPU float32): greedy tokens equal to
 transformers + peft; first-step logits within LOGIT_TOL of peft's, and the gathered (bgmv) and
 segmented (sgmv) LoRA paths agree to BATCH_TOL.
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from tests.lora_helpers import import_peft, make_peft_adapter, peft_reference
+from bench.peft_reference import import_peft, make_peft_adapter, peft_reference
 from workers.engine import Engine, EngineConfig, SamplingParams
 from workers.engine.errors import InvalidRequestError, UnknownAdapterError
 from workers.engine.lora import InvalidAdapterError, LoraBatch
