@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -88,17 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    from tests.e2e.conftest import start_stack   # the e2e tests' way of starting `switchyard up` on free ports
-    small = dict(num_kv_blocks=256, max_model_len=512, max_num_seqs=8, drain_grace_s=2.0, model=args.model)
-    tmp = Path(tempfile.mkdtemp(prefix="sy-bench-triton-"))
-    b = start_stack(tmp / "b", workers=1, triton_port=0, **small)
-    a = None
-    try:
-        a = start_stack(tmp / "a", workers=1, backend="triton", backend_url=b.state["triton"],
-                        backend_model=args.model, **small)
-        paths = {"native": lambda: native(b.router, args.model, args.max_tokens),
-                 "triton_front": lambda: triton(b.state["triton"], args.model, args.max_tokens),
-                 "triton_hop": lambda: native(a.router, args.model, args.max_tokens)}
+    from contextlib import ExitStack
+
+    from bench.common import local_stack
+    from services.config import StackConfig
+    small = dict(num_kv_blocks=256, max_model_len=512, max_num_seqs=8, drain_grace_s=2.0, model=args.model,
+                 router_port=0, nats_port=0, kv_manager_port=0, worker_base_port=0)
+    with ExitStack() as stacks:
+        b = stacks.enter_context(local_stack(StackConfig(workers=1, triton_port=0, **small)))
+        b_triton = f"{b.cfg.host}:{b.cfg.triton_port}"
+        a = stacks.enter_context(local_stack(StackConfig(workers=1, backend="triton", backend_url=b_triton,
+                                                         backend_model=args.model, **small)))
+        paths = {"native": lambda: native(b.router_address, args.model, args.max_tokens),
+                 "triton_front": lambda: triton(b_triton, args.model, args.max_tokens),
+                 "triton_hop": lambda: native(a.router_address, args.model, args.max_tokens)}
         ttft = {k: [] for k in paths}
         itl = {k: [] for k in paths}
 
@@ -111,10 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                     ttft[name].append(times[0] - t0)
                     itl[name].extend(np.diff(times).tolist())
         asyncio.run(run())
-    finally:
-        if a is not None:
-            a.stop(30)
-        b.stop(30)
     res = {k: {"ttft_p50_ms": pct(ttft[k], 50), "ttft_p99_ms": pct(ttft[k], 99), "itl_p50_ms": pct(itl[k], 50),
                "n": len(ttft[k])} for k in ttft}
     print(f"{'path':14} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}   added vs native (TTFT p50 / p99 / ITL p50)")
