@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine_info, write_json
+from bench.metrics import pct
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.loader import load_model
@@ -55,11 +56,6 @@ def write_peft_adapter(path: Path, model_config, *, r: int, alpha: float, target
         "target_modules": list(targets), "bias": "none", "use_rslora": False, "use_dora": False,
         "fan_in_fan_out": False, "modules_to_save": None, "base_model_name_or_path": ""}))
     return path
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
 def measure_swaps(loaded, cfg: EngineConfig, adapters: dict[str, Path], trials: int) -> dict:

@@ -96,6 +96,12 @@ def percentile(xs: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def pct(xs: list[float], q: float) -> float:
+    """percentile() for printing and JSON: nan instead of None when there is no data."""
+    v = percentile(xs, q)
+    return float("nan") if v is None else v
+
+
 def summarize(xs: list[float], scale: float = 1.0) -> dict:
     """{p50, p90, p95, p99, mean} of xs * scale (None where there is no data)."""
     ys = [x * scale for x in xs]

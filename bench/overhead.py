@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bench.common import local_stack, machine_info, stack_config, write_json
-from bench.metrics import percentile
+from bench.metrics import pct
 
 PROMPTS = ["The capital of France is", "def quicksort(arr):", "Once upon a time, in a quiet village,",
            "The three laws of thermodynamics are", "A haiku about autumn:", "SELECT name FROM users WHERE",
@@ -36,11 +36,6 @@ class Trace:
     @property
     def itls(self) -> list[float]:
         return [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
-
-
-def pct(xs: list[float], q: float) -> float:
-    v = percentile(xs, q)
-    return float("nan") if v is None else v
 
 
 def summarize(traces: list[Trace]) -> dict:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.metrics import percentile as pct   # None for no data: the JSON keeps null
+
 CATALOG = """
 [stack]
 admin_tokens = ["bench-admin"]
@@ -76,13 +78,6 @@ min_replicas = 1
 max_replicas = 2
 memory_gb = 0.2
 """
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
 
 
 class Load:

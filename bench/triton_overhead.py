@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.metrics import pct
+
 PROMPT = "Write one sentence about railway switches:"
 
 
-def pct(xs, p):
-    return float(np.percentile(np.array(xs) * 1000, p)) if xs else float("nan")
+def pct_ms(xs: list[float], p: float) -> float:
+    return pct([x * 1000 for x in xs], p)
 
 
 async def native(router: str, model: str, max_tokens: int):
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                     ttft[name].append(times[0] - t0)
                     itl[name].extend(np.diff(times).tolist())
         asyncio.run(run())
-    res = {k: {"ttft_p50_ms": pct(ttft[k], 50), "ttft_p99_ms": pct(ttft[k], 99), "itl_p50_ms": pct(itl[k], 50),
+    res = {k: {"ttft_p50_ms": pct_ms(ttft[k], 50), "ttft_p99_ms": pct_ms(ttft[k], 99), "itl_p50_ms": pct_ms(itl[k], 50),
                "n": len(ttft[k])} for k in ttft}
     print(f"{'path':14} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}   added vs native (TTFT p50 / p99 / ITL p50)")
     for k, r in res.items():
