@@ -5,7 +5,7 @@ Reports
   host memory (read + validate the PEFT folder, evict the LRU slot, copy into it);
   swap_ms_host_cached_p50 / _p99: the same when the adapter sits in the host LRU (the usual swap).
 * mixed_over_base_throughput: output tok/s of a batch spread over `adapters_in_batch` adapters
-  (two requests each) over the same batch on the bare base model; per LoRA path too (sgmv, bgmv).
+  (two requests each) over the same batch on the bare base model; per LoRA path too (sgmv, bmm, bgmv).
 * match_peft: greedy tokens equal transformers + peft on a fixed prompt set (HF-layout models only).
 * adapter_host_mb (one rank-16 adapter in host memory) and slot_device_mb (one slot on the device).
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [pool[i * 7:i * 7 + args.prompt_len] for i in range(n_req)]
     base = throughput(loaded, cfg, adapters, args.adapters, "auto", prompts, args.out_len, use_adapters=False)
     res["base_output_tok_s"] = base["output_tok_s"]
-    for mode in ("auto", "sgmv", "bgmv"):
+    for mode in ("auto", "sgmv", "bmm", "bgmv"):
         m = throughput(loaded, cfg, adapters, args.adapters, mode, prompts, args.out_len, use_adapters=True)
         res[f"mixed_output_tok_s_{mode}"] = m["output_tok_s"]
         res[f"mixed_over_base_throughput_{mode}"] = m["output_tok_s"] / base["output_tok_s"]

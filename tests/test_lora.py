@@ -3,8 +3,8 @@ slot swaps under traffic, and the errors for unknown / unservable adapters.
 
 Adapters are made by `peft` itself (bench/peft_reference.py) with seeded normal(0, 0.05) A and B, so every
 adapter visibly changes the base model's greedy output. Measured (CPU float32): greedy tokens equal to
-transformers + peft; first-step logits within LOGIT_TOL of peft's, and the gathered (bgmv) and
-segmented (sgmv) LoRA paths agree to BATCH_TOL.
+transformers + peft; first-step logits within LOGIT_TOL of peft's, and the gathered (bgmv),
+padded (bmm) and segmented (sgmv) LoRA paths agree to BATCH_TOL.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_matches_transformers_peft(smollm2, hf_base, adapters, alone, paged_kv, 
     model = smollm2.model
     for p, ref in zip(prompts, ref_logits):
         got = {}
-        for mode in ("sgmv", "bgmv"):
+        for mode in ("sgmv", "bmm", "bgmv"):
             kv = paged_kv(smollm2.config, num_blocks=8)
             table = kv.alloc(len(p))
             meta = kv.meta([(len(p), len(p), table)], [])
@@ -93,9 +93,10 @@ def test_matches_transformers_peft(smollm2, hf_base, adapters, alone, paged_kv, 
                 got[mode] = model.compute_logits(h[-1:])[0]
         assert (got["sgmv"] - ref).abs().max().item() < LOGIT_TOL
         assert (got["bgmv"] - got["sgmv"]).abs().max().item() < BATCH_TOL
+        assert (got["bmm"] - got["sgmv"]).abs().max().item() < BATCH_TOL
 
 
-@pytest.mark.parametrize("mode", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("mode", ["sgmv", "bmm", "bgmv"])
 def test_mixed_batch_equals_alone(smollm2, adapters, alone, mode):
     eng = make_engine(smollm2, adapters, enable_prefix_caching=False, lora_mode=mode)
     names = [None, "a1", "a2", "a3", "a4", "a1"]

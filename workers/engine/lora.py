@@ -13,9 +13,12 @@ Per step the runner hands `LoraBatch.build` each token's slot; every projection 
 * segmented ("sgmv"): the runner orders tokens by slot, so each adapter present covers at most a
   couple of contiguous row ranges; one shrink matmul and one expand addmm per sub-projection per
   range (a loop over the distinct adapters in the batch, never over tokens), or
+* padded ("bmm"): tokens grouped by slot into an [adapters, L] grid (pads masked to zero), one
+  batched shrink and one batched expand per sub-projection over a view of the slot stacks, and an
+  `index_add_` back into the rows: a handful of ops per projection whatever the adapter count, or
 * gathered ("bgmv"): per-token A/B gathered by slot index and `torch.bmm` over tokens.
 
-`mode="auto"` picks segmented unless the batch has many short segments (see `LoraBatch.build`);
+`mode="auto"` picks segmented for a few long runs and padded for many short ones (see `LoraBatch.build`);
 bench/lora_bench.py measures both. A batch with no adapter builds no LoraBatch at all (zero cost).
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+LORA_MODES = ("auto", "sgmv", "bmm", "bgmv")
 SUPPORTED_TARGETS = tuple(m for subs in KINDS.values() for m in subs)
 _SUB_KIND = {m: (k, i) for k, subs in KINDS.items() for i, m in enumerate(subs)}
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -74,7 +78,7 @@ class LoraAdapter:
     alpha: float
     scaling: float
     targets: tuple[str, ...]                 # sub-projection names present in the weights
-    # layer -> module -> (A [r, in], B*scaling [out, r]) on the host
+    # layer -> module -> (A^T [in, r], (B*scaling)^T [r, out]) on the host, in the slots' layout
     weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     base_model: str = ""
 
@@ -168,8 +172,8 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
                     name, f"layer {layer} {mod}: adapter is {a.shape[1]} -> {b.shape[0]} but the base model's "
                           f"{mod} is {fin} -> {fout}; it was trained for another base model "
                           f"({cfg.get('base_model_name_or_path') or 'unknown'})")
-            a = a.to(dtype).contiguous()
-            b = (b.to(torch.float32) * scaling).to(dtype).contiguous()
+            a = a.to(dtype).t().contiguous()
+            b = (b.to(torch.float32) * scaling).to(dtype).t().contiguous()
             if pin:
                 a, b = a.pin_memory(), b.pin_memory()
             weights.setdefault(layer, {})[mod] = (a, b)
@@ -187,13 +191,15 @@ class _LayerStacks:
 
     def __init__(self, cfg: ModelConfig, slots: int, rmax: int, device, dtype):
         dims = module_dims(cfg)
-        self.A: list[torch.Tensor] = []                # per kind: [S, n_sub * rmax, in]
-        self.B: list[list[torch.Tensor]] = []          # per kind, per sub: [S, out_sub, rmax]
+        # Stored already transposed, as the matmuls read them ([in, out] per slot): on CPU a batched
+        # expand over a transposed view is ~2.5x slower than over contiguous [S, rmax, out].
+        self.A: list[torch.Tensor] = []                # per kind: [S, in, n_sub * rmax]
+        self.B: list[list[torch.Tensor]] = []          # per kind, per sub: [S, rmax, out_sub]
         self.out_offsets: list[list[tuple[int, int]]] = []
         for subs in KINDS.values():
             fin = dims[subs[0]][0]
-            self.A.append(torch.zeros((slots, len(subs) * rmax, fin), device=device, dtype=dtype))
-            self.B.append([torch.zeros((slots, dims[s][1], rmax), device=device, dtype=dtype) for s in subs])
+            self.A.append(torch.zeros((slots, fin, len(subs) * rmax), device=device, dtype=dtype))
+            self.B.append([torch.zeros((slots, rmax, dims[s][1]), device=device, dtype=dtype) for s in subs])
             offs, o = [], 0
             for s in subs:
                 offs.append((o, o + dims[s][1]))
@@ -212,6 +218,8 @@ class AdapterManager:
                  max_cpu_loras: int | None = None, mode: str = "auto"):
         if max_loras < 1:
             raise ValueError("max_loras must be >= 1 to serve adapters")
+        if mode not in LORA_MODES:
+            raise ValueError(f"lora_mode {mode!r} is not one of {list(LORA_MODES)}")
         self.model_config = model_config
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
@@ -359,8 +367,8 @@ class AdapterManager:
                     w = mods.get(sub)
                     if w is None:
                         continue
-                    A[j * R:j * R + r].copy_(w[0], non_blocking=nb)
-                    B[:, :r].copy_(w[1], non_blocking=nb)
+                    A[:, j * R:j * R + r].copy_(w[0], non_blocking=nb)
+                    B[:r].copy_(w[1], non_blocking=nb)
         if nb:
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -396,6 +404,39 @@ class LoraBatch:
         self.segments = segments          # per kind: [(slot, start, end, rank)], sgmv
         self.active_kinds = [bool(s) for s in segments]
         self.subs_active = {}             # (slot, kind) -> tuple of bools per sub
+        # padded bmm ("bmm"): slots [s0, s0 + n) as a view of the stacks, rows gathered to [n, L]
+        self.s0 = 0
+        self.n = 0
+        self.gather_t: torch.Tensor | None = None   # [n * L] token row per padded position (pads -> 0)
+        self.mask_t: torch.Tensor | None = None     # [n, L, 1] 1 for real rows, 0 for pads
+
+    @classmethod
+    def _build_padded(cls, mgr: AdapterManager, runs: list[tuple[int, int, int]], T: int, device) -> LoraBatch:
+        """One [n, L] grid over the slot range present: row (i, l) is the l-th token of slot s0 + i.
+
+        Pads gather token 0 and are masked to zero after the shrink, so their expand adds exactly
+        zero wherever it lands. Slots in the range with no tokens are all pads (their weights are
+        read but contribute nothing); slots never hold an adapter of another kind's shape, and the
+        stacks are zero beyond each adapter's rank and outside its targets, so no per-slot case
+        remains."""
+        rows: dict[int, list[int]] = {}
+        for slot, s, e in runs:
+            rows.setdefault(slot, []).extend(range(s, e))
+        s0, s1 = min(rows), max(rows)
+        n = s1 - s0 + 1
+        L = max(len(r) for r in rows.values())
+        gather = [0] * (n * L)
+        mask = [0.0] * (n * L)
+        for slot, rs in rows.items():
+            base = (slot - s0) * L
+            gather[base:base + len(rs)] = rs
+            mask[base:base + len(rs)] = [1.0] * len(rs)
+        kinds = {k for slot in rows for k in (mgr.adapter_in_slot(slot).kinds() if mgr.adapter_in_slot(slot) else ())}
+        b = cls(mgr, "bmm", None, [[(0, 0, 0, 0)] if k in kinds else [] for k in KINDS])
+        b.s0, b.n = s0, n
+        b.gather_t = torch.tensor(gather, dtype=torch.long, device=device)
+        b.mask_t = torch.tensor(mask, dtype=mgr.dtype, device=device).view(n, L, 1)
+        return b
 
     @classmethod
     def build(cls, mgr: AdapterManager, token_slots: list[int], mode: str | None = None,
@@ -413,8 +454,12 @@ class LoraBatch:
             return None
         mode = mode or mgr.mode
         if mode == "auto":
-            # Many short runs (decode of many adapters): one gathered bmm beats a Python loop.
-            mode = "bgmv" if len(runs) > 4 and len(runs) * 2 > T * 0.5 and T <= 64 else "sgmv"
+            # A few long runs (prefill under one adapter): a matmul per run is dense and cheap.
+            # Many short runs (decodes across adapters): one padded bmm per projection instead of a
+            # Python loop that launches ~11 small matmuls per adapter per layer.
+            mode = "bmm" if len(runs) > 2 and T <= 32 * len(runs) else "sgmv"
+        if mode == "bmm":
+            return cls._build_padded(mgr, runs, T, device or mgr.device)
         segs: list[list[tuple[int, int, int, int]]] = [[] for _ in KINDS]
         for slot, s, e in runs:
             ad = mgr.adapter_in_slot(slot)
@@ -439,23 +484,31 @@ class LoraBatch:
         st = self.layers[layer]
         A, Bs, offs = st.A[kind], st.B[kind], st.out_offsets[kind]
         R = self.R
+        if self.mode == "bmm":
+            n, s0, idx = self.n, self.s0, self.gather_t
+            xg = x.index_select(0, idx).view(n, -1, x.shape[-1])                 # [n, L, in]
+            xa = torch.bmm(xg, A[s0:s0 + n]).mul_(self.mask_t)                   # [n, L, nR]
+            for j, (o0, o1) in enumerate(offs):
+                d = torch.bmm(xa[:, :, j * R:(j + 1) * R], Bs[j][s0:s0 + n])      # [n, L, out_j]
+                out[:, o0:o1].index_add_(0, idx, d.view(-1, o1 - o0))
+            return
         if self.mode == "bgmv":
             idx = self.slots_t
-            a = A.index_select(0, idx)                                # [T, nR, in]
-            xa = torch.bmm(a, x.unsqueeze(-1))                        # [T, nR, 1]
+            a = A.index_select(0, idx)                                # [T, in, nR]
+            xa = torch.bmm(x.unsqueeze(1), a)                         # [T, 1, nR]
             for j, (o0, o1) in enumerate(offs):
-                b = Bs[j].index_select(0, idx)                        # [T, out_j, R]
-                out[:, o0:o1] += torch.bmm(b, xa[:, j * R:(j + 1) * R]).squeeze(-1)
+                b = Bs[j].index_select(0, idx)                        # [T, R, out_j]
+                out[:, o0:o1] += torch.bmm(xa[:, :, j * R:(j + 1) * R], b).squeeze(1)
             return
         nsub = len(offs)
         for slot, s, e, r in self.segments[kind]:
             active = self.subs_active[(slot, kind)]
             xs = x[s:e]
             if nsub == 1:
-                xa = xs @ A[slot, :r].t()
-                out[s:e].addmm_(xa, Bs[0][slot, :, :r].t())
+                xa = xs @ A[slot, :, :r]
+                out[s:e].addmm_(xa, Bs[0][slot, :r])
                 continue
-            xa = xs @ A[slot].t()                                     # [n, nsub * R]
+            xa = xs @ A[slot]                                         # [n, nsub * R]
             for j, (o0, o1) in enumerate(offs):
                 if active[j]:
-                    out[s:e, o0:o1].addmm_(xa[:, j * R:j * R + r], Bs[j][slot, :, :r].t())
+                    out[s:e, o0:o1].addmm_(xa[:, j * R:j * R + r], Bs[j][slot, :r])
