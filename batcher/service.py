@@ -15,6 +15,7 @@ import time
 import grpc
 import nats
 
+from batcher.adapters import BatcherAdapters
 from batcher.engine_core import EngineCore, RequestOutput
 from batcher.scheduler import QueueFullError, Scheduler
 from kv_manager.block_allocator import BlockAllocator
@@ -97,6 +98,8 @@ class BatcherService:
         self._load_tokenizer = tokenizer_loader
         self._channel = rpc.channel(worker_addr, cfg.max_message_bytes)
         self.remote = RemoteRunner(self._channel)
+        # LoRA adapters admitted and advertised (the worker's list, changed at run time by ModelControl)
+        self.adapters = BatcherAdapters(self.worker_id, self._channel, self._adapter_in_use, self._publish_heartbeat)
         self.core: EngineCore | None = None
         self.model = ""
         self.info = None
@@ -143,6 +146,7 @@ class BatcherService:
                 from services.tokenizers import load_tokenizer as loader
             self._tokenizer = await asyncio.get_running_loop().run_in_executor(None, loader, info.model)
         self.model = info.model
+        self.adapters.reset(info.adapters)   # after a worker restart: its start-up adapters only
         self.metrics.relabel(info.model)
         self.metrics.reset_totals()   # a fresh core counts its totals from zero
         cfg = self.cfg
@@ -153,7 +157,7 @@ class BatcherService:
                               max_model_len=info.max_model_len, max_waiting=cfg.max_waiting,
                               max_loras=cfg.max_loras)
         self.core = EngineCore(scheduler, None, self._tokenizer)
-        self.core.adapter_check = self._check_adapter
+        self.core.adapter_check = self.adapters.check
         self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
         self._kv_events.append(KvEvent(CLEARED, [], block_size=info.block_size))
@@ -182,6 +186,7 @@ class BatcherService:
                 await sub.unsubscribe()
             except Exception:
                 pass
+        await self.adapters.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -228,8 +233,14 @@ class BatcherService:
 
     async def _on_control(self, msg) -> None:
         """Model load/unload (Triton front door's repository API). Unload stops serving; the worker keeps
-        its weights resident until the model pool can free them."""
+        its weights resident until the model pool can free them. LoRA adapter load/unload: batcher/adapters.py."""
         ctl = bus_pb2.ModelControl.FromString(msg.data)
+        if ctl.action in ("load_adapter", "unload_adapter"):
+            async def answer(out: bus_pb2.ModelControlReply) -> None:
+                if msg.reply:
+                    await self.nc.publish(msg.reply, out.SerializeToString())
+            self.adapters.handle(ctl, answer)
+            return
         ok = ctl.action in ("load", "unload") and (not ctl.model or ctl.model == self.model)
         if ok:
             self.unloaded = ctl.action == "unload"
@@ -417,7 +428,7 @@ class BatcherService:
             hb.block_size = self.info.block_size
             hb.max_model_len = self.info.max_model_len
             hb.num_blocks = self.info.num_blocks
-            hb.adapters.extend(self.info.adapters)
+            hb.adapters.extend(self.adapters.advertised())
         if self.core is not None:
             s = self.core.stats()
             hb.num_running = s.num_running
@@ -432,11 +443,12 @@ class BatcherService:
             self.metrics.update_from_stats(s)
         return hb
 
-    def _check_adapter(self, adapter_id: str) -> None:
-        names = list(self.info.adapters) if self.info is not None else []
-        if adapter_id not in names:
-            raise UnknownAdapterError(f"adapter {adapter_id!r} is not served by worker {self.worker_id}; "
-                                      f"known adapters: {', '.join(sorted(names)) or 'none'}")
+    def _adapter_in_use(self, adapter_id: str) -> int:
+        """Accepted requests (waiting or running) for an adapter; only polled while it is unloaded."""
+        core = self.core
+        if core is None:   # worker lost: its requests were failed already
+            return 0
+        return sum(1 for r in core.scheduler.requests.values() if r.adapter_id == adapter_id)
 
     async def _publish_heartbeat(self) -> None:
         await self.nc.publish(subjects.heartbeat(self.worker_id), self.heartbeat().SerializeToString())

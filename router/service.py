@@ -19,6 +19,8 @@ from kv_manager.block_hash import block_hashes
 from protos.switchyard.v1 import (bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2,
                                   kv_index_pb2_grpc)
 from router import routing
+from router.adapter_control import AdapterControl
+from router.adapter_registry import AdapterRegistry
 from router.recent_prefixes import RecentPrefixes, merge_matches
 from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
 from services import subjects
@@ -66,6 +68,11 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self.pool_routing = None   # router/catalog_routing.PoolRouting with a model pool
+        # LoRA adapters that should be served (config, catalogue, Admin/LoadAdapter); pushed to workers
+        # by router/adapter_control.py, which also serves the adapter admin calls.
+        self.adapters = AdapterRegistry()
+        self.adapter_control = AdapterControl(self)
+        self.adapter_control.add_config_adapters()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,10 +83,12 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             from router.catalog_routing import PoolRouting
             self.pool_routing = PoolRouting(self)
             await self.pool_routing.start()
+        await self.adapter_control.start()
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        await self.adapter_control.stop()
         if self.pool_routing is not None:
             await self.pool_routing.stop()
         for s in self._subs:
@@ -122,6 +131,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             return
         # A worker (re)joining: keep the router's own in-flight count for it.
         self.table.workers[hb.worker_id].in_flight = sum(1 for w, _ in self._streams.values() if w == hb.worker_id)
+        self.adapter_control.worker_joined()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -138,8 +148,10 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     # ---- routing -------------------------------------------------------------------------------
     def known_adapters(self) -> set[str]:
-        """LoRA adapter names some routable worker advertises in its heartbeat."""
-        return {a for ws in self.table.models().values() for w in ws for a in w.heartbeat.adapters}
+        """LoRA adapter names some routable worker advertises in its heartbeat, and registered ones
+        (a request for one not served yet waits for it: AdapterControl.wait_served)."""
+        advertised = {a for ws in self.table.models().values() for w in ws for a in w.heartbeat.adapters}
+        return advertised | self.adapter_control.names()
 
     async def _pick_worker(self, model: str, token_ids: list[int], adapter_id: str | None = None) -> str:
         views = self.table.routable(model)
@@ -192,6 +204,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         if self.draining:
             self.metrics.errors.labels(request.model, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; retry on another replica")
+        if self.pool_routing is None:   # `model` naming an adapter -> its base with adapter_id (the pool does its own)
+            request = self.adapter_control.resolve_model(request)
         if self.pool_routing is not None:   # pick the model (name / capabilities / intent); may load it
             try:
                 request = await self.pool_routing.route(request, context)
@@ -210,6 +224,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 raise invalid("prompt", "tokenizes to zero tokens")
             check_prompt_length(len(token_ids), self._max_model_len(v.model))
             with tracing.span(tracing.ROUTER_ROUTE):
+                if v.adapter_id:   # registered but not advertised yet: wait for it (bounded)
+                    await self.adapter_control.wait_served(v.model, v.adapter_id, context)
                 worker_id = await self._pick_worker(v.model, token_ids, v.adapter_id)
         except RequestError as e:
             self.metrics.errors.labels(request.model, e.code.name).inc()
@@ -361,6 +377,10 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                             queue_depth=sum(w.reported_load for w in ws), workers=sorted(w.worker_id for w in ws))
         return resp
 
+    async def ListAdapters(self, request: inference_pb2.ListAdaptersRequest,
+                           context) -> inference_pb2.ListAdaptersResponse:
+        return self.adapter_control.list_adapters(request.base_model)
+
     async def Tokenize(self, request: inference_pb2.TokenizeRequest, context) -> inference_pb2.TokenizeResponse:
         try:
             from router.validation import resolve_model
@@ -378,6 +398,18 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     async def UnloadModel(self, request, context):
         return await self._pool_admin("UnloadModel", request, context)
+
+    async def LoadAdapter(self, request, context) -> inference_pb2.LoadAdapterResponse:
+        return await self._adapter_admin(self.adapter_control.load, request, context)
+
+    async def UnloadAdapter(self, request, context) -> inference_pb2.UnloadAdapterResponse:
+        return await self._adapter_admin(self.adapter_control.unload, request, context)
+
+    async def _adapter_admin(self, call, request, context):
+        try:
+            return await call(request, context)   # checks the admin token first
+        except RequestError as e:
+            await context.abort(e.code, e.message)
 
     async def _pool_admin(self, method: str, request, context):
         """Admin token check, then forward to the launcher's model pool (services/pool.py)."""

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         args, rest = ap.parse_known_args(argv[:2])
         return cmd_bench(args, argv[2:])
     args = ap.parse_args(argv)
-    if args.cmd in ("models", "admin"):
+    if args.cmd in ("models", "admin", "adapters"):
         return args.func(args)
     return {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "trace": cmd_trace}[args.cmd](args)
 

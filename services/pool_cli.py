@@ -1,4 +1,7 @@
-"""`switchyard models [--json]` and `switchyard admin load|unload ...` (the model pool's CLI)."""
+"""`switchyard models [--json]` and `switchyard admin load|unload ...` (the model pool's CLI).
+
+LoRA adapter commands (`adapters`, `admin load-adapter|unload-adapter`) live in services/adapter_cli.py.
+"""
 from __future__ import annotations
 
 import json
@@ -86,7 +89,8 @@ def add_parsers(sub, default_router: str) -> None:
     m.add_argument("--router", default=default_router)
     m.set_defaults(func=cmd_models)
 
-    a = sub.add_parser("admin", help="model pool admin: load / unload / hot-swap (needs an admin token)")
+    a = sub.add_parser("admin", help="admin (needs an admin token): models load / unload / hot-swap, "
+                                     "LoRA adapters load-adapter / unload-adapter")
     asub = a.add_subparsers(dest="admin_cmd", required=True)
     for name, help_ in (("load", "load a model, scale it to --replicas, or hot-swap it to --version"),
                         ("unload", "drain and unload a model")):
@@ -102,3 +106,6 @@ def add_parsers(sub, default_router: str) -> None:
         p.add_argument("--json", action="store_true")
         p.add_argument("--router", default=default_router)
         p.set_defaults(func=cmd_admin)
+
+    from services.adapter_cli import add_parsers as add_adapter_parsers
+    add_adapter_parsers(sub, asub, default_router)

@@ -3,11 +3,15 @@
 The worker owns the KV tensors and nothing else: it never decides who runs (the batcher does).
 `execute` runs on a one-thread executor so the event loop keeps answering health checks while
 a step is computing, and so steps never overlap.
+
+LoadAdapter / UnloadAdapter change the LoRA registry at run time (the batcher calls them on a
+ModelControl; it stops admitting an adapter's requests and waits for them before unloading).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +19,7 @@ import grpc
 
 from protos.switchyard.v1 import worker_pb2, worker_pb2_grpc
 from telemetry import propagation, tracing
+from workers.engine.errors import InvalidRequestError
 from workers.engine.plan import NewRequestPlan, StepPlan
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import plan_from_proto, result_to_proto
@@ -31,6 +36,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.ready = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
         self._stream_lock = asyncio.Lock()
+        self._adapter_lock = threading.Lock()   # one load/unload at a time: check-then-register must not interleave
 
     def _execute_pb(self, pb: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         # Decode, run and encode on the executor thread: the loop only moves bytes.
@@ -99,3 +105,70 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerInfo(model=self.model_name, num_blocks=r.num_blocks, block_size=r.block_size,
                                      max_model_len=r.max_model_len, ready=self.ready, device=self.device,
                                      adapters=names)
+
+    # ---- LoRA adapters at run time -------------------------------------------------------------
+    async def LoadAdapter(self, request: worker_pb2.WorkerAdapterRequest, context) -> worker_pb2.WorkerAdapterReply:
+        lora = await self._lora(context)
+        if not request.name or not request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadAdapter needs a name and a path")
+        try:
+            # Validation reads the whole file: off the event loop, and off the step thread so steps
+            # keep running (AdapterManager is thread-safe).
+            nbytes = await asyncio.get_running_loop().run_in_executor(
+                None, self._load_adapter, lora, request.name, request.path)
+        except _AdapterConflict as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except InvalidRequestError as e:   # InvalidAdapterError: "adapter 'x': <the reason>"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:   # an unreadable file (safetensors, OS errors): still the adapter's fault
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter {request.name!r}: cannot read "
+                                                                  f"{request.path}: {e}")
+        log.info("adapter %s loaded from %s (%.1f MB)", request.name, request.path, nbytes / 2**20)
+        return worker_pb2.WorkerAdapterReply(adapters=lora.names(), host_bytes=nbytes)
+
+    async def UnloadAdapter(self, request: worker_pb2.WorkerAdapterRequest, context) -> worker_pb2.WorkerAdapterReply:
+        lora = await self._lora(context)
+        # On the step executor: runner.seqs (which slots are pinned) changes only there, between steps.
+        removed = await asyncio.get_running_loop().run_in_executor(self._executor, self._unload_adapter,
+                                                                   request.name)
+        if not removed:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter {request.name!r} is not loaded on this worker; "
+                                                           f"known adapters: {', '.join(lora.names()) or 'none'}")
+        log.info("adapter %s unloaded", request.name)
+        return worker_pb2.WorkerAdapterReply(adapters=lora.names())
+
+    async def _lora(self, context):
+        lora = getattr(self.runner, "lora", None) if self.ready else None
+        if lora is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this worker serves no adapters (not ready, or max_loras = 0)" if self.ready
+                                else "the worker is still loading its model")
+        return lora
+
+    def _load_adapter(self, lora, name: str, path: str) -> int:
+        """Register + validate into host memory; returns its bytes. An invalid adapter is forgotten again."""
+        with self._adapter_lock:
+            old = lora.registry.get(name)
+            if old is not None and old != path:
+                # Re-registering would swap the weights under requests running on it.
+                raise _AdapterConflict(f"adapter {name!r} is already loaded from {old}; unload it first")
+            if old is None:
+                lora.register(name, path)
+            try:
+                return lora.prefetch(name).nbytes
+            except BaseException:
+                if old is None:
+                    lora.unregister(name)
+                raise
+
+    def _unload_adapter(self, name: str) -> bool:
+        # No _adapter_lock here: this runs on the step thread, which must not wait for a file read.
+        # The batcher runs no request of this adapter any more, but the worker may still hold a
+        # finished one it has not been told to forget: only other adapters' slots are pinned, so the
+        # slot is freed now (a later load under the same name must not find stale weights in it).
+        pinned = {st.slot for st in self.runner.seqs.values() if st.slot and st.adapter_id != name}
+        return self.runner.lora.unregister(name, pinned=pinned)
+
+
+class _AdapterConflict(Exception):
+    """LoadAdapter of a name that is loaded from another path."""

@@ -155,17 +155,29 @@ class KvEventBatch(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
 
 class ModelControl(_message.Message):
-    __slots__ = ("action", "model")
+    __slots__ = ("action", "model", "adapter", "path", "timeout_s")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     action: str
     model: str
-    def __init__(self, action: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    adapter: str
+    path: str
+    timeout_s: float
+    def __init__(self, action: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., path: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class ModelControlReply(_message.Message):
-    __slots__ = ("ok", "error")
+    __slots__ = ("ok", "error", "code", "adapters", "host_bytes")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    code: str
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    host_bytes: int
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., host_bytes: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class InferenceStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/switchyard.v1.Inference/ListAdapters',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -75,6 +80,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdapters(self, request, context):
+        """LoRA adapters the router knows (config, catalogue, Admin/LoadAdapter) and the workers serving each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +202,33 @@ class Inference:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Inference/ListAdapters',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Operator view of the stack (workers, queues, KV usage), served by the router.
@@ -211,6 +255,16 @@ class AdminStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/switchyard.v1.Admin/LoadAdapter',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/switchyard.v1.Admin/UnloadAdapter',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -236,6 +290,19 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoRA adapters at run time (router/adapter_control.py); need an admin token too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +320,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -337,6 +414,60 @@ class Admin:
             '/switchyard.v1.Admin/UnloadModel',
             protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Admin/LoadAdapter',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Admin/UnloadAdapter',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

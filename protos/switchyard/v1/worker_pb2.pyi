@@ -92,3 +92,19 @@ class WorkerInfo(_message.Message):
     device: str
     adapters: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, model: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., ready: _Optional[bool] = ..., device: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WorkerAdapterRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class WorkerAdapterReply(_message.Message):
+    __slots__ = ("adapters", "host_bytes")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    host_bytes: int
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ..., host_bytes: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,16 @@ class WorkerStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/switchyard.v1.Worker/LoadAdapter',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/switchyard.v1.Worker/UnloadAdapter',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -62,6 +72,21 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoRA adapters at run time (the batcher calls these on ModelControl load_adapter / unload_adapter).
+        Load registers and validates (INVALID_ARGUMENT with the reason; nothing is kept then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unload: the caller guarantees no request for it runs any more (NOT_FOUND when unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +99,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.HealthRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerInfo.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +165,60 @@ class Worker:
             '/switchyard.v1.Worker/Health',
             protos_dot_switchyard_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/LoadAdapter',
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/UnloadAdapter',
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
             options,
             channel_credentials,
             insecure,
