@@ -58,7 +58,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of its full blocks
     num_cached_blocks: int = 0         # leading blocks registered in the prefix cache
-    num_computed_tokens: int = 0       # tokens whose KV is in block_ids
+    num_computed_tokens: int = 0       # tokens whose KV is in block_ids, or is being written by a step in flight
+    num_pending: int = 0               # tokens steps in flight will sample (not known yet)
     num_cached_tokens: int = 0         # prefix-cache hit at first schedule (usage reporting)
     num_preemptions: int = 0
     sent_to_worker: bool = False       # the worker holds its state (else it goes out as a NewRequestPlan)

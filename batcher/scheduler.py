@@ -67,7 +67,6 @@ class Scheduler:
         self._next_seq = 0
         self._step_id = 0
         self._worker_forget: list[str] = []                  # ids the worker must drop next step
-        self._in_flight: list[_Scheduled] = []
         self.num_preemptions = 0
         self._prefix_queried_tokens = 0
         self._prefix_hit_tokens = 0
@@ -147,8 +146,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n <= 0:
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if n <= 0 or (req.num_pending and self._done_when_pending_lands(req)):
                 i += 1
                 continue
             new_blocks = self._grow(req, n)
@@ -168,6 +167,8 @@ class Scheduler:
         # 2. Waiting requests, unless this step already had to preempt (memory is tight).
         while self._waiting and budget > 0 and not preempted_any:
             req = self._waiting[0][2]
+            if req.num_pending:
+                break                   # preempted with a token in flight: recompute once it has landed
             if len(self.running) >= self.max_num_seqs:
                 if not self._preempt_lower_than(req, scheduled):
                     break
@@ -186,6 +187,11 @@ class Scheduler:
             budget -= admitted.num_new_tokens
 
         return self._make_plan(scheduled)
+
+    def _done_when_pending_lands(self, req: Request) -> bool:
+        """Whether the tokens in flight already reach max_tokens / the context: no step past them."""
+        n_out = len(req.output_token_ids) + req.num_pending
+        return n_out >= req.sampling.max_tokens or req.num_tokens + req.num_pending >= self.max_model_len
 
     def _adapter_fits(self, adapter_id: str) -> bool:
         running = {r.adapter_id for r in self.running if r.adapter_id}
@@ -248,34 +254,38 @@ class Scheduler:
         self._worker_forget = []
         for s in scheduled.values():
             r = s.request
+            # Advance now, not when the result lands, so the next step can be planned while this
+            # one runs (the batcher keeps one plan queued at the worker). A chunk that reaches the
+            # end of the sequence samples a token nobody knows yet: count it as pending.
+            r.num_computed_tokens += s.num_new_tokens
+            if r.num_computed_tokens == r.num_tokens + r.num_pending:
+                r.num_pending += 1
             if r.sent_to_worker:
                 plan.running.append(RunningRequestPlan(r.request_id, s.num_new_tokens, s.new_block_ids))
             else:
                 plan.new_requests.append(NewRequestPlan(
                     request_id=r.request_id, token_ids=r.all_token_ids,
                     num_prompt_tokens=r.num_prompt_tokens,
-                    num_computed_tokens=r.num_computed_tokens, num_new_tokens=s.num_new_tokens,
+                    num_computed_tokens=r.num_computed_tokens - s.num_new_tokens, num_new_tokens=s.num_new_tokens,
                     block_ids=list(r.block_ids), sampling=r.sampling, seed=r.seed,
                     adapter_id=r.adapter_id))
                 r.sent_to_worker = True
-        self._in_flight = list(scheduled.values())
         return plan
 
     # ---- after the worker ran the plan ------------------------------------------------------
     def update(self, request_ids: list[str], token_ids: list[int],
                logprobs: list[float] | None) -> list[tuple[Request, int]]:
-        """Advance computed counts, cache newly full blocks, append sampled tokens."""
-        for s in self._in_flight:
-            r = s.request
-            if r.status != RequestStatus.RUNNING:
-                continue              # finished or preempted while the step was in flight
-            r.num_computed_tokens += s.num_new_tokens
-        self._in_flight = []
+        """Append the oldest step in flight's sampled tokens; cache newly full blocks.
+
+        A token for a request that finished meanwhile (stop found in an earlier result while this
+        step ran) is dropped. One for a request preempted meanwhile is kept: it was sampled from
+        valid KV, and the recompute starts after it."""
         sampled: list[tuple[Request, int]] = []
         for k, (rid, tok) in enumerate(zip(request_ids, token_ids)):
             r = self.requests.get(rid)
-            if r is None or r.status != RequestStatus.RUNNING:
+            if r is None or r.finished:
                 continue
+            r.num_pending -= 1
             r.output_token_ids.append(tok)
             if logprobs is not None:
                 r.logprobs.append(logprobs[k])

@@ -1,7 +1,9 @@
 """The batcher: one per worker. NATS in (requests, cancels), Worker/Step out, NATS out (tokens).
 
-Loop, per engine step:  plan = core.schedule(); result = await worker.execute(plan);
-outputs = core.process(result); one TokenChunk per request; one KvEventBatch for the step.
+Loop, per engine step:  plan = core.schedule(); send it; outputs = core.process(result); one
+TokenChunk per request; one KvEventBatch for the step. With `step_pipeline` the next plan is
+scheduled and sent while the worker still runs the current one (batcher/step_timing.py says
+when), so the worker goes from step to step without waiting for this process.
 Requests are admitted (or rejected) in the NATS callback the moment they arrive, so a full queue
 is answered at once. Cancels are applied between steps, never while a plan is on the wire.
 When there is no work the loop sleeps on an event (no polling).
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import grpc
 import nats
@@ -18,6 +22,7 @@ import nats
 from batcher.adapters import BatcherAdapters
 from batcher.engine_core import EngineCore, RequestOutput
 from batcher.scheduler import QueueFullError, Scheduler
+from batcher.step_timing import StepTimer
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.events import CLEARED, KvEvent
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
@@ -53,7 +58,8 @@ class RemoteRunner:
         # No request iterator: write()/read() on the call, one plan out and one result in per step.
         self._call = self._stub.Step()
 
-    async def execute(self, plan: StepPlan, trace: tuple[str, list[str]] | None = None) -> StepResult:
+    async def send(self, plan: StepPlan, trace: tuple[str, list[str]] | None = None) -> None:
+        """Queue a plan on the Step stream; results come back in plan order (`receive`)."""
         call = self._call
         if call is None:
             raise WorkerLostError("no Step stream open")
@@ -63,6 +69,15 @@ class RemoteRunner:
             pb.links.extend(trace[1])
         try:
             await call.write(pb)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            self._call = None
+            raise WorkerLostError(f"worker Step stream failed: {e}") from e
+
+    async def receive(self) -> StepResult:
+        call = self._call
+        if call is None:
+            raise WorkerLostError("no Step stream open")
+        try:
             pb = await call.read()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
             self._call = None
@@ -72,10 +87,20 @@ class RemoteRunner:
             raise WorkerLostError("worker closed the Step stream")
         return result_from_proto(pb)
 
+    async def execute(self, plan: StepPlan, trace: tuple[str, list[str]] | None = None) -> StepResult:
+        await self.send(plan, trace)
+        return await self.receive()
+
     def close(self) -> None:
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    started: float        # perf_counter when the worker (probably) started it
 
 
 class BatcherService:
@@ -112,6 +137,7 @@ class BatcherService:
         self._kv_seq = 0
         self._hb_seq = 0
         self._wake = asyncio.Event()
+        self._timer = StepTimer()
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self._tokenizer = None
@@ -267,47 +293,85 @@ class BatcherService:
 
     # ---- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
-        pending: list[tuple[str, bytes]] = []   # last step's chunks, published while the next step runs
+        chunks: list[tuple[str, bytes]] = []   # the last result's chunks, published while the worker computes
+        inflight: deque[_InFlight] = deque()    # plans at the worker, oldest first (at most two)
+        reading: asyncio.Future | None = None   # the read of the oldest plan's result
         while True:
             core = self.core
             if core is None or not self.healthy:
-                await self._publish_step(pending)
-                pending = []
+                if reading is not None:
+                    reading.cancel()
+                reading = None
+                inflight.clear()
+                await self._publish_step(chunks)
+                chunks = []
                 await self._reconnect()
                 continue
             self._apply_aborts()
-            if not core.has_unfinished():
-                await self._publish_step(pending)
-                pending = []
-                self._wake.clear()
-                await self._wake.wait()
-                await self._gather_burst()
-                continue
-            plan = core.schedule()
-            if plan.is_empty and not plan.finished_ids:
-                await self._publish_step(pending)
-                pending = []
-                # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            trace = self._spans.step_context(plan) if self._spans is not None and self._spans.reqs else None
-            t_step = time.perf_counter()
-            # Send the plan first, then publish the previous step's tokens while the worker computes:
-            # NATS publishing and the router's relay stay off the step's critical path.
-            step = asyncio.ensure_future(self.remote.execute(plan, trace))
-            await self._publish_step(pending)
-            pending = []
+            if not inflight:
+                if not core.has_unfinished():
+                    await self._publish_step(chunks)
+                    chunks = []
+                    self._wake.clear()
+                    await self._wake.wait()
+                    await self._gather_burst()
+                    continue
+                plan = core.schedule()
+                if plan.is_empty and not plan.finished_ids:
+                    await self._publish_step(chunks)
+                    chunks = []
+                    # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                await self._send(plan, inflight)
+            # A plan is at the worker: publish the previous step's tokens while it computes, so NATS
+            # and the router's relay stay off the step's critical path.
+            await self._publish_step(chunks)
+            chunks = []
+            if reading is None:
+                reading = asyncio.ensure_future(self.remote.receive())
+            if self.cfg.step_pipeline and len(inflight) == 1:
+                # Plan the next step while this one runs; send it just before this one should end
+                # (batcher/step_timing.py), so requests arriving meanwhile still join it.
+                head = inflight[0]
+                at = self._timer.send_next_at(head.started, head.plan.num_tokens)
+                if at is not None:
+                    delay = at - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.wait({reading}, timeout=delay)
+                    if not reading.done():
+                        self._apply_aborts()
+                        if core.has_unfinished():
+                            plan = core.schedule()
+                            if not (plan.is_empty and not plan.finished_ids):
+                                await self._send(plan, inflight)
             try:
-                result = await step
+                result = await reading
             except WorkerLostError as e:
+                reading = None
+                inflight.clear()
                 await self._on_worker_lost(str(e))
                 continue
-            self.metrics.step(time.perf_counter() - t_step, plan.num_tokens)
-            pending = self._encode_outputs(core.process(result))
+            reading = None
+            now = time.perf_counter()
+            head = inflight.popleft()
+            if inflight:   # the queued plan started when this result left the worker
+                inflight[0].started = now
+            self._timer.observe(head.plan.num_tokens, result.execute_ms / 1000)
+            self.metrics.step(now - head.started, head.plan.num_tokens)
+            chunks = self._encode_outputs(core.process(result))
+
+    async def _send(self, plan: StepPlan, inflight: deque[_InFlight]) -> None:
+        trace = self._spans.step_context(plan) if self._spans is not None and self._spans.reqs else None
+        inflight.append(_InFlight(plan, time.perf_counter()))
+        try:
+            await self.remote.send(plan, trace)
+        except WorkerLostError:
+            pass   # the pending read fails the same way and handles it
 
     async def _publish_step(self, chunks: list[tuple[str, bytes]]) -> None:
         publish = self.nc.publish

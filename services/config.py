@@ -34,6 +34,7 @@ class StackConfig:
     max_model_len: int | None = None
     max_waiting: int = 256
     admission_window_ms: float = 3.0     # idle batcher: gather arrivals closer than this into one step
+    step_pipeline: bool = True           # plan step N+1 while the worker runs step N (batcher/step_timing.py)
     enable_prefix_caching: bool = True
     torch_threads: int | None = None     # per worker; None: the machine's cores / workers
     # LoRA adapters served on the base model by every worker: name -> PEFT folder (adapter_config.json +
