@@ -1,9 +1,13 @@
 """Model selection for a model pool (StackConfig.pool_config): which model serves a request.
 
-Order: an explicit `model` (NOT_FOUND lists the catalogue) -> required `capabilities` (the
-cheapest ready model having them all whose max_context fits the prompt; else the cheapest that
-fits, which is then loaded) -> intent (router/intent.py maps prompt + `intent` hint to a
-capability, else the default model). The decision goes to the client as initial metadata
+Order: an explicit `model` (NOT_FOUND lists the catalogue) or `adapter_id` -> required
+`capabilities` (the cheapest ready model having them all whose max_context fits the prompt; else
+the cheapest that fits, which is then loaded) -> intent (router/intent.py maps prompt + `intent`
+hint to a capability, else the default model). LoRA adapters (the catalogue's [[adapters]] and
+Admin/LoadAdapter ones, router/adapter_registry.py) take part as models do: `model` may name one,
+and one whose capabilities match is a candidate priced as its base model, preferred over the bare
+base at equal price (it was declared for that capability). Choosing an adapter routes to its base
+model with `adapter_id` set. The decision goes to the client as initial metadata
 (`x-switchyard-model`, `x-switchyard-model-version`, `x-switchyard-route-reason`) and onto the
 active span. The request is then rewritten to the served name `<model>@<version>` of a version
 with routable replicas, so the rest of the router (validation, tokenizer, worker choice over the
@@ -25,8 +29,9 @@ from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
 from router import routing
 from router.admin_auth import check_admin
 from router.intent import load_classifier
+from router.adapter_registry import AdapterEntry
 from router.validation import RequestError
-from services.catalog import load_catalog, split_served
+from services.catalog import ModelSpec, load_catalog, split_served
 from telemetry import tracing
 
 log = logging.getLogger("switchyard.router.pool")
@@ -50,6 +55,8 @@ class PoolRouting:
         cfg = router.cfg
         self.catalog = load_catalog(cfg.pool_config)
         self.classifier = load_classifier(self.catalog)
+        for a in self.catalog.adapters:   # pushed to their base's replicas by router/adapter_control.py
+            router.adapters.add(AdapterEntry(a.name, a.base, a.path, list(a.capabilities), origin="catalogue"))
         from services import rpc
         # No pool control port (a cluster: KEDA scales the replicas): route over what heartbeats.
         self._channel = rpc.channel(f"{cfg.host}:{cfg.pool_control_port}", cfg.max_message_bytes) \
@@ -89,38 +96,59 @@ class PoolRouting:
     def is_ready(self, name: str) -> bool:
         return bool(self.served_names(name))
 
-    def _by_capability(self, caps: list[str], n_tokens: int) -> tuple[str, str]:
-        have = [m for m in self.catalog.models if set(caps) <= set(m.capabilities)]
+    def _adapters_on_catalogue(self) -> list[tuple[AdapterEntry, ModelSpec]]:
+        out = []
+        for e in self.router.adapters.all():
+            base = self.catalog.get(split_served(e.base)[0])
+            if base is not None:
+                out.append((e, base))
+        return out
+
+    def _by_capability(self, caps: list[str], n_tokens: int) -> tuple[str, str, str]:
+        """-> (model, reason, adapter or "")."""
+        # (model spec, adapter name or "", capabilities)
+        cands = [(m, "", m.capabilities) for m in self.catalog.models]
+        cands += [(m, e.name, e.capabilities) for e, m in self._adapters_on_catalogue()]
+        have = [c for c in cands if set(caps) <= set(c[2])]
         if not have:
-            known = sorted({c for m in self.catalog.models for c in m.capabilities})
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no model has capabilities {caps}; "
+            known = sorted({cap for c in cands for cap in c[2]})
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no model or adapter has capabilities {caps}; "
                                                           f"capabilities served: {', '.join(known)}", "capabilities")
-        fit = [m for m in have if m.max_context > n_tokens]
+        fit = [c for c in have if c[0].max_context > n_tokens]
         if not fit:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"prompt: {n_tokens} tokens exceeds the context of every model with {caps} "
-                               f"(largest {max(m.max_context for m in have)})", "prompt")
-        ready = [m for m in fit if self.is_ready(m.name)]
-        best = min(ready or fit, key=lambda m: (m.gpu_usd_per_hour, m.name))
-        why = "cheapest ready model" if ready else "cheapest model (none ready: loading it)"
-        return best.name, f"{why} with {'+'.join(caps)} (${best.gpu_usd_per_hour:g}/h, context {best.max_context})"
+                               f"(largest {max(c[0].max_context for c in have)})", "prompt")
+        ready = [c for c in fit if self.is_ready(c[0].name)]
+        m, adapter, _ = min(ready or fit, key=lambda c: (c[0].gpu_usd_per_hour, not c[1], c[0].name, c[1]))
+        what = f"adapter {adapter!r} on {m.name}" if adapter else "model"
+        why = f"cheapest ready {what}" if ready else f"cheapest {what} (none ready: loading {m.name})"
+        return m.name, f"{why} with {'+'.join(caps)} (${m.gpu_usd_per_hour:g}/h, context {m.max_context})", adapter
 
     async def _count_tokens(self, request) -> int:
         text = request.prompt or "\n".join(m.content for m in request.messages)
         tok = await self.router.tokenizer(self.catalog.default_model)
         return len(tok.encode(text))
 
-    async def select(self, request) -> tuple[str, str]:
-        """-> (catalogue model name or a served name, reason). Raises RequestError."""
+    async def select(self, request) -> tuple[str, str, str]:
+        """-> (catalogue model name or a served name, reason, adapter or ""). Raises RequestError."""
         if request.model:
             name = request.model
             if self.catalog.get(split_served(name)[0]) is not None:
-                return name, "model named in the request"
+                return name, "model named in the request", ""
             if name in self.router.table.models():   # served outside the catalogue
-                return name, "model named in the request"
+                return name, "model named in the request", ""
+            entry = self.router.adapters.get(name)
+            if entry is not None and not request.adapter_id:
+                return entry.base, f"adapter {name!r} named in the request (base {entry.base})", name
+            known = [*self.catalog.names, *(e.name for e in self.router.adapters.all())]
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"model {name!r} is not served here; known models: {', '.join(self.catalog.names)}",
+                               f"model {name!r} is not served here; known models and adapters: {', '.join(known)}",
                                "model")
+        if request.adapter_id:   # the adapter's own base, whatever capabilities or intent would pick
+            entry = self.router.adapters.get(request.adapter_id)
+            if entry is not None:
+                return entry.base, f"base of adapter {entry.name!r}", entry.name
         if request.capabilities:
             caps = sorted({c.strip().lower() for c in request.capabilities if c.strip()})
             return self._by_capability(caps, await self._count_tokens(request))
@@ -128,11 +156,11 @@ class PoolRouting:
         cap, why = self.classifier.classify(text, request.intent)
         if cap is not None:
             try:
-                name, why2 = self._by_capability([cap], await self._count_tokens(request))
-                return name, f"intent: {why}; {why2}"
+                name, why2, adapter = self._by_capability([cap], await self._count_tokens(request))
+                return name, f"intent: {why}; {why2}", adapter
             except RequestError as e:
                 why = f"{why}, but {e.message}"
-        return self.catalog.default_model, f"intent: {why}; default model"
+        return self.catalog.default_model, f"intent: {why}; default model", ""
 
     async def ensure_served(self, name: str, context) -> str:
         """A served name of `name` with a routable replica; loads the model and waits if there is none."""
@@ -174,23 +202,28 @@ class PoolRouting:
 
     async def route(self, request, context):
         """-> the request rewritten to a served model name. Sends the decision as initial metadata."""
-        name, reason = await self.select(request)
+        name, reason, adapter = await self.select(request)
         served = await self.ensure_served(name, context)
         base, version = split_served(served)
         req = type(request)()
         req.CopyFrom(request)
         req.model = served
+        if adapter and not req.adapter_id:
+            req.adapter_id = adapter
         req.ClearField("capabilities")
+        md = [("x-switchyard-model", base), ("x-switchyard-model-version", version),
+              ("x-switchyard-route-reason", reason)]
+        if req.adapter_id:
+            md.append(("x-switchyard-adapter", req.adapter_id))
         try:
-            await context.send_initial_metadata((("x-switchyard-model", base), ("x-switchyard-model-version", version),
-                                                 ("x-switchyard-route-reason", reason)))
+            await context.send_initial_metadata(tuple(md))
         except Exception:   # noqa: BLE001 - metadata already sent (cannot happen before the first yield)
             pass
         if tracing.ENABLED:
             span = tracing.current_span()
             if span is not None:
                 span.set_attributes({"switchyard.route.model": base, "switchyard.route.version": version,
-                                     "switchyard.route.reason": reason})
+                                     "switchyard.route.reason": reason, "switchyard.route.adapter": req.adapter_id})
         return req
 
     async def reroute(self, served: str, token_ids: list[int], failed_worker: str, context,

@@ -30,7 +30,7 @@ class RuleClassifier:
 
     @classmethod
     def from_catalog(cls, catalog: Catalog) -> RuleClassifier:
-        caps = {c for m in catalog.models for c in m.capabilities}
+        caps = {c for m in [*catalog.models, *catalog.adapters] for c in m.capabilities}
         return cls(catalog.intents, caps)
 
     def classify(self, text: str, hint: str = "") -> tuple[str | None, str]:

@@ -5,6 +5,8 @@
     [pool.scaler]      target_per_replica, scale_up_window_s, scale_down_window_s, idle_to_zero_s, interval_s
     [[models]]         name, source, version, capabilities, max_context, min_replicas, max_replicas,
                        memory_gb, gpu_usd_per_hour, [models.versions] other version -> source
+    [[adapters]]       name, base, path, capabilities: a LoRA adapter (PEFT folder; relative paths are
+                       relative to the catalogue file) served on the replicas of catalogue model `base`
     [[intents]]        capability, keywords, regex
 
 Unknown keys are errors (a typo must not silently fall back to a default). Used by the launcher's
@@ -39,6 +41,14 @@ class ModelSpec:
 
     def source_for(self, version: str, override: str = "") -> str:
         return override or self.versions.get(version) or self.source
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    base: str                                 # a catalogue model name
+    path: str                                 # PEFT folder: adapter_config.json + adapter_model.safetensors
+    capabilities: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +87,10 @@ class Catalog:
     intents: list[IntentRule] = field(default_factory=list)
     stack: dict = field(default_factory=dict)   # StackConfig overrides
     path: str = ""
+    adapters: list[AdapterSpec] = field(default_factory=list)
+
+    def adapter(self, name: str) -> AdapterSpec | None:
+        return next((a for a in self.adapters if a.name == name), None)
 
     def get(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
@@ -146,7 +160,33 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
             re.compile(rx)   # fail at load, not per request
         intents.append(rule)
     stack = dict(data.get("stack", {}))
-    return Catalog(models, pool, intents, stack, str(path))
+    adapters = _parse_adapters(data.get("adapters", []), names, Path(path).parent if path else Path.cwd())
+    return Catalog(models, pool, intents, stack, str(path), adapters)
+
+
+def _parse_adapters(items: list, model_names: list[str], root: Path) -> list[AdapterSpec]:
+    out: list[AdapterSpec] = []
+    for i, a in enumerate(items):
+        _check_keys(a, AdapterSpec, f"adapters[{i}]")
+        missing = [k for k in ("name", "base", "path") if not a.get(k)]
+        if missing:
+            raise ValueError(f"adapters[{i}]: {', '.join(missing)} required")
+        spec = AdapterSpec(**a)
+        if not _NAME.match(spec.name):
+            raise ValueError(f"adapters[{i}].name {spec.name!r}: use [A-Za-z0-9_.-], at most 48 characters")
+        if spec.name in model_names or any(o.name == spec.name for o in out):
+            raise ValueError(f"adapters[{i}].name {spec.name!r} is already a model or adapter name")
+        if spec.base not in model_names:
+            raise ValueError(f"adapters[{i}] {spec.name}: base {spec.base!r} is not one of the models {model_names}")
+        p = Path(spec.path).expanduser()
+        p = p if p.is_absolute() else (root / p)
+        if not (p / "adapter_config.json").is_file():
+            raise ValueError(f"adapters[{i}] {spec.name}: {str(p)!r} is not a PEFT adapter folder "
+                             f"(no adapter_config.json)")
+        spec.path = str(p.resolve())
+        spec.capabilities = [c.strip().lower() for c in spec.capabilities if c.strip()]
+        out.append(spec)
+    return out
 
 
 def load_catalog(path: str | Path) -> Catalog:

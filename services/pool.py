@@ -341,8 +341,12 @@ class PoolManager:
     def _model_config_path(self, e: ModelEntry, version: str, source: str) -> Path:
         spec = e.spec
         max_len = spec.max_context if self.cfg.max_model_len is None else min(spec.max_context, self.cfg.max_model_len)
+        # The catalogue's adapters on this base are served from the replica's first heartbeat; ones
+        # added at run time (Admin/LoadAdapter) the router pushes (router/adapter_control.py).
+        adapters = {**(self.cfg.lora_adapters or {}),
+                    **{a.name: a.path for a in self.catalog.adapters if a.base == spec.name}}
         mcfg = replace(self.cfg, model=source, workers=max(1, self.catalog.pool.slots), max_model_len=max_len,
-                       gpu_usd_per_hour=spec.gpu_usd_per_hour)
+                       gpu_usd_per_hour=spec.gpu_usd_per_hour, lora_adapters=adapters or None)
         return write_config(mcfg, self.pool_dir / f"{_safe(spec.name)}@{_safe(version)}.json")
 
     async def _start_replica(self, e: ModelEntry, version: str, source: str, slot: int) -> Replica:

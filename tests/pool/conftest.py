@@ -2,7 +2,8 @@
 
 alpha (chat, summarize; $2/h; 0.5 GB; 1..2 replicas), beta (code, sql; $0.5/h; 0.5 GB; 1 replica;
 versions v1, v2) and gamma (code; $0.3/h; 1.0 GB; 0..1 replicas, loaded on demand) on two 1 GB
-worker slots, with a fast scaler (target 2 requests per replica, 0.5 s up, 3 s down, 8 s to zero).
+worker slots, with a fast scaler (target 2 requests per replica, 0.5 s up, 3 s down, 8 s to zero);
+one LoRA adapter, alpha-support (support), on alpha.
 """
 from __future__ import annotations
 
@@ -71,6 +72,12 @@ max_replicas = 1
 memory_gb = 1.0
 gpu_usd_per_hour = 0.3
 
+[[adapters]]                 # written by the fixture (bench.lora_bench.write_peft_adapter)
+name = "alpha-support"
+base = "alpha"
+path = "alpha-support"
+capabilities = ["support"]
+
 [[intents]]
 capability = "code"
 keywords = ["python", "bug"]
@@ -99,6 +106,10 @@ def procs_mentioning(text: str) -> list[int]:
 @pytest.fixture(scope="session")
 def pool_stack(tmp_path_factory):
     wd = tmp_path_factory.mktemp("pool")
+    from bench.lora_bench import write_peft_adapter
+    from workers.engine.loader import RANDOM_SHAPES
+    write_peft_adapter(wd / "alpha-support", RANDOM_SHAPES["tiny"], r=8, alpha=16, targets=["q_proj", "v_proj"],
+                       seed=5, std=0.2)
     cat = wd / "pool.toml"
     cat.write_text(CATALOG)
     h = start_stack(wd / "stack", pool_config=str(cat), max_model_len=512, drain_grace_s=15.0)
@@ -128,7 +139,8 @@ async def generate(stub, req, timeout: float = 120.0) -> dict:
         worker = worker or r.worker_id
     md = dict(await call.initial_metadata())
     return {"model": md.get("x-switchyard-model"), "version": md.get("x-switchyard-model-version"),
-            "reason": md.get("x-switchyard-route-reason"), "worker": worker, "text": text}
+            "reason": md.get("x-switchyard-route-reason"), "adapter": md.get("x-switchyard-adapter", ""),
+            "worker": worker, "text": text}
 
 
 class Traffic:

@@ -109,6 +109,33 @@ def test_route_by_intent(pool_stack):
     run(main())
 
 
+def test_route_to_a_catalogue_adapter_by_name_capability_and_intent(pool_stack):
+    async def main():
+        async with channel(pool_stack.router) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            greedy = dict(prompt="hello there", max_tokens=8)
+
+            def request(prompt="hello", max_tokens=4, **kw):   # greedy, so texts compare
+                from protos.switchyard.v1 import common_pb2
+                return inference_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
+                    max_tokens=max_tokens, temperature=0.0), **kw)
+            by_id = await generate(stub, request(model="alpha", adapter_id="alpha-support", **greedy))
+            base = await generate(stub, request(model="alpha", **greedy))
+            assert by_id["adapter"] == "alpha-support" and base["adapter"] == ""
+            assert by_id["text"] != base["text"], "the adapter must change the output"
+            r = await generate(stub, request(model="alpha-support", **greedy))
+            assert (r["model"], r["adapter"], r["text"]) == ("alpha", "alpha-support", by_id["text"])
+            r = await generate(stub, request(capabilities=["support"], **greedy))
+            assert (r["model"], r["adapter"], r["text"]) == ("alpha", "alpha-support", by_id["text"])
+            assert "adapter 'alpha-support' on alpha" in r["reason"]
+            r = await generate(stub, request("my order is late", intent="support", max_tokens=2))
+            assert (r["model"], r["adapter"]) == ("alpha", "alpha-support")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await generate(stub, request(model="beta", adapter_id="alpha-support"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND   # beta's replicas do not serve it
+    run(main())
+
+
 def test_admin_auth(pool_stack):
     async def main():
         req = inference_pb2.UnloadModelRequest(name="gamma", wait=True)

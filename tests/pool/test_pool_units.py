@@ -91,3 +91,86 @@ def test_admin_auth(md, code):
         with pytest.raises(RequestError) as e:
             check_admin(_Ctx(md), cfg)
         assert e.value.code == code
+
+
+# ---- LoRA adapters in the catalogue ---------------------------------------------------------------
+def _adapter_dir(tmp_path, name="ad"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "adapter_config.json").write_text("{}")
+    return d
+
+
+def test_catalogue_adapters_parse_relative_to_the_file(tmp_path):
+    _adapter_dir(tmp_path)
+    (tmp_path / "c.toml").write_text('[[models]]\nname = "m"\nsource = "random:tiny"\ncapabilities = ["chat"]\n'
+                                     '[[adapters]]\nname = "m-sql"\nbase = "m"\npath = "ad"\n'
+                                     'capabilities = ["SQL", " "]\n')
+    c = load_catalog(tmp_path / "c.toml")
+    a = c.adapter("m-sql")
+    assert (a.base, a.path, a.capabilities) == ("m", str((tmp_path / "ad").resolve()), ["sql"])
+    assert RuleClassifier.from_catalog(c).classify("x", hint="sql")[0] == "sql"   # adapter capabilities count
+
+
+@pytest.mark.parametrize("adapter,why", [
+    ({"name": "x", "base": "nope", "path": "ad"}, "base 'nope'"),
+    ({"name": "m", "base": "m", "path": "ad"}, "already a model"),
+    ({"name": "x", "base": "m", "path": "missing"}, "not a PEFT adapter folder"),
+    ({"name": "x", "base": "m"}, "path required"),
+    ({"name": "x", "base": "m", "path": "ad", "rank": 8}, "unknown keys"),
+])
+def test_bad_catalogue_adapters(tmp_path, monkeypatch, adapter, why):
+    _adapter_dir(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=why):
+        parse_catalog({"models": [{"name": "m", "source": "x"}], "adapters": [adapter]})
+
+
+class _Table:
+    def __init__(self, served):
+        self.served = served
+
+    def models(self):
+        return {s: [object()] for s in self.served}
+
+
+def _pool_routing(catalog, served, adapters):
+    from router.adapter_registry import AdapterEntry, AdapterRegistry
+    from router.catalog_routing import PoolRouting
+    pr = PoolRouting.__new__(PoolRouting)
+    pr.catalog, pr.info = catalog, {}
+    reg = AdapterRegistry()
+    for a in adapters:
+        reg.add(AdapterEntry(*a))
+    pr.router = type("R", (), {"table": _Table(served), "adapters": reg})()
+    return pr
+
+
+def test_capability_routing_considers_adapters_at_their_base_price():
+    cat = parse_catalog({"models": [
+        {"name": "big", "source": "x", "capabilities": ["chat", "support"], "gpu_usd_per_hour": 3.0},
+        {"name": "small", "source": "x", "capabilities": ["chat"], "gpu_usd_per_hour": 1.0},
+        {"name": "cold", "source": "x", "capabilities": ["chat"], "gpu_usd_per_hour": 0.1}]})
+    pr = _pool_routing(cat, ["big@v1", "small@v1"], [("small-support", "small", "/a", ["support"]),
+                                                     ("big-chat", "big", "/b", ["chat"]),
+                                                     ("small-chat", "small", "/c", ["chat"])])
+    # only the adapter on the cheaper base has `support` at $1/h; the bare `big` costs $3/h
+    model, why, adapter = pr._by_capability(["support"], 10)
+    assert (model, adapter) == ("small", "small-support") and "adapter 'small-support' on small" in why
+    # equal price: the adapter declared for the capability beats its bare base; `cold` is not ready
+    assert pr._by_capability(["chat"], 10)[::2] == ("small", "small-chat")
+
+
+def test_select_by_adapter_name_and_adapter_id():
+    import asyncio
+
+    from protos.switchyard.v1 import inference_pb2
+    cat = parse_catalog({"models": [{"name": "m", "source": "x"}]})
+    pr = _pool_routing(cat, ["m@v1"], [("m-sql", "m", "/a", ["sql"])])
+    sel = asyncio.run(pr.select(inference_pb2.GenerateRequest(model="m-sql", prompt="x")))
+    assert sel[0] == "m" and sel[2] == "m-sql"
+    sel = asyncio.run(pr.select(inference_pb2.GenerateRequest(adapter_id="m-sql", prompt="x")))
+    assert sel[0] == "m" and sel[2] == "m-sql"
+    with pytest.raises(RequestError) as e:
+        asyncio.run(pr.select(inference_pb2.GenerateRequest(model="nope", prompt="x")))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "m, m-sql" in e.value.message
