@@ -42,6 +42,13 @@ step() {   # step NAME CMD...: run CMD with the time that is left; log its outpu
 }
 
 SV="$PY -m services.cli bench"
+# The headline figures first, so a short device session still gets them: the engine issue's
+# 8B goals (batch-1 decode ms/step; offline 1000 x 256 prompt / 256 output tokens) and LoRA on 8B.
+step "engine offline llama-8b 1000x256/256" $SV engine --random-weights llama-8b --device cuda \
+     --num-requests 1000 --prompt-len 256-256 --output-len 256-256 --max-num-seqs 256 \
+     --max-num-batched-tokens 8192 --no-hf --no-llama-cpp --json "$OUT/engine-offline-llama-8b.json"
+step "lora llama-8b" $SV lora --model random:llama-8b --device cuda --no-peft --swap-trials 20 \
+     --json "$OUT/lora-llama-8b.json"
 for SHAPE in llama-1b llama-8b; do
   M="random:$SHAPE"
   # offline engine throughput (ours vs HF generate; the 8B skips HF's slower static batches)
