@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--out-len", type=int, default=32)
     ap.add_argument("--swap-trials", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3, help="base/mixed run pairs per LoRA path")
     ap.add_argument("--no-peft", action="store_true", help="skip the transformers + peft comparison")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
@@ -179,13 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     pool = tok.encode(" ".join(f"Item {i}: the train from station {i} leaves at {i % 24}:00." for i in range(200)))
     n_req = args.adapters * args.requests_per_adapter
     prompts = [pool[i * 7:i * 7 + args.prompt_len] for i in range(n_req)]
-    base = throughput(loaded, cfg, adapters, args.adapters, "auto", prompts, args.out_len, use_adapters=False)
-    res["base_output_tok_s"] = base["output_tok_s"]
-    for mode in ("auto", "sgmv", "bmm", "bgmv"):
-        m = throughput(loaded, cfg, adapters, args.adapters, mode, prompts, args.out_len, use_adapters=True)
-        res[f"mixed_output_tok_s_{mode}"] = m["output_tok_s"]
-        res[f"mixed_over_base_throughput_{mode}"] = m["output_tok_s"] / base["output_tok_s"]
-        res["adapters_in_batch"] = m["adapters_in_batch"]
+    # Base and mixed runs alternate, `rounds` times each, and each ratio is mixed over the base run
+    # beside it (median over rounds): on a shared box the background load drifts between runs.
+    modes = ("auto", "sgmv", "bmm", "bgmv")
+    base_runs: list[float] = []
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    mixed: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            b = throughput(loaded, cfg, adapters, args.adapters, mode, prompts, args.out_len, use_adapters=False)
+            m = throughput(loaded, cfg, adapters, args.adapters, mode, prompts, args.out_len, use_adapters=True)
+            base_runs.append(b["output_tok_s"])
+            mixed[mode].append(m["output_tok_s"])
+            ratios[mode].append(m["output_tok_s"] / b["output_tok_s"])
+            res["adapters_in_batch"] = m["adapters_in_batch"]
+    res["base_output_tok_s"] = statistics.median(base_runs)
+    for mode in modes:
+        res[f"mixed_output_tok_s_{mode}"] = statistics.median(mixed[mode])
+        res[f"mixed_over_base_throughput_{mode}"] = statistics.median(ratios[mode])
+    res["rounds"] = args.rounds
     res["mixed_over_base_throughput"] = res["mixed_over_base_throughput_auto"]
     res["requests_in_batch"] = n_req
     if not args.no_peft:

@@ -191,3 +191,18 @@ def test_unservable_adapters_are_refused_with_the_reason(smollm2, hf_base, adapt
     with pytest.raises(InvalidRequestError, match="adapter_id: .*embed_tokens"):
         eng.add_request("hello", GREEDY, adapter_id="bad")
     assert not eng.scheduler.requests
+
+
+def test_a_slot_reused_by_a_smaller_adapter_holds_only_its_weights(smollm2, tmp_path):
+    from bench.lora_bench import write_peft_adapter
+    from workers.engine.lora import SUPPORTED_TARGETS, AdapterManager
+    big = write_peft_adapter(tmp_path / "big", smollm2.config, r=16, alpha=16, targets=SUPPORTED_TARGETS, seed=1)
+    small = write_peft_adapter(tmp_path / "small", smollm2.config, r=4, alpha=4, targets=["q_proj"], seed=2)
+    reused = AdapterManager(smollm2.config, max_loras=1, max_lora_rank=16)
+    reused.load("big", big)
+    assert reused.load("small", small) == 1            # evicts big from the only slot
+    fresh = AdapterManager(smollm2.config, max_loras=1, max_lora_rank=16)
+    fresh.load("small", small)
+    for a, b in zip(reused._layers, fresh._layers):
+        assert all(torch.equal(x, y) for x, y in zip(a.A, b.A))
+        assert all(torch.equal(x, y) for xs, ys in zip(a.B, b.B) for x, y in zip(xs, ys))

@@ -78,7 +78,8 @@ class LoraAdapter:
     alpha: float
     scaling: float
     targets: tuple[str, ...]                 # sub-projection names present in the weights
-    # layer -> module -> (A^T [in, r], (B*scaling)^T [r, out]) on the host, in the slots' layout
+    # layer -> module -> (A [r, in], B*scaling [out, r]) on the host, as PEFT stores them (the slot
+    # write transposes in the same pass as its copy: no extra pass over the weights per load)
     weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     base_model: str = ""
 
@@ -172,8 +173,8 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
                     name, f"layer {layer} {mod}: adapter is {a.shape[1]} -> {b.shape[0]} but the base model's "
                           f"{mod} is {fin} -> {fout}; it was trained for another base model "
                           f"({cfg.get('base_model_name_or_path') or 'unknown'})")
-            a = a.to(dtype).t().contiguous()
-            b = (b.to(torch.float32) * scaling).to(dtype).t().contiguous()
+            a = a.to(dtype).contiguous()
+            b = (b.to(torch.float32) * scaling).to(dtype).contiguous()
             if pin:
                 a, b = a.pin_memory(), b.pin_memory()
             weights.setdefault(layer, {})[mod] = (a, b)
@@ -360,15 +361,21 @@ class AdapterManager:
             mods = ad.weights.get(li, {})
             for ki, subs in enumerate(KINDS.values()):
                 A = st.A[ki][s]
-                A.zero_()
+                full = r == R and all(sub in mods for sub in subs)
+                if not full:   # else every element is overwritten below
+                    A.zero_()
                 for j, sub in enumerate(subs):
                     B = st.B[ki][j][s]
-                    B.zero_()
                     w = mods.get(sub)
+                    if w is None or r < R:
+                        B.zero_()
                     if w is None:
                         continue
-                    A[:, j * R:j * R + r].copy_(w[0], non_blocking=nb)
-                    B[:r].copy_(w[1], non_blocking=nb)
+                    a, b = w
+                    if nb:   # contiguous host->device copies; the transpose happens on the device
+                        a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
+                    A[:, j * R:j * R + r].copy_(a.t())
+                    B[:r].copy_(b.t())
         if nb:
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -454,10 +461,15 @@ class LoraBatch:
             return None
         mode = mode or mgr.mode
         if mode == "auto":
-            # A few long runs (prefill under one adapter): a matmul per run is dense and cheap.
-            # Many short runs (decodes across adapters): one padded bmm per projection instead of a
-            # Python loop that launches ~11 small matmuls per adapter per layer.
-            mode = "bmm" if len(runs) > 2 and T <= 32 * len(runs) else "sgmv"
+            # One or two runs (a prefill under one adapter): a matmul per run is dense and cheap.
+            # More: one padded bmm per projection instead of a Python loop launching ~11 small
+            # matmuls per adapter per layer - unless padding to the largest group would more than
+            # double the rows (one long prefill beside a few decodes).
+            rows: dict[int, int] = {}
+            for slot, s, e in runs:
+                rows[slot] = rows.get(slot, 0) + e - s
+            grid = (max(rows) - min(rows) + 1) * max(rows.values())
+            mode = "bmm" if len(runs) > 2 and grid <= 2 * T else "sgmv"
         if mode == "bmm":
             return cls._build_padded(mgr, runs, T, device or mgr.device)
         segs: list[list[tuple[int, int, int, int]]] = [[] for _ in KINDS]
