@@ -27,9 +27,9 @@ import grpc
 
 from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
 from router import routing
+from router.adapter_registry import AdapterEntry
 from router.admin_auth import check_admin
 from router.intent import load_classifier
-from router.adapter_registry import AdapterEntry
 from router.validation import RequestError
 from services.catalog import ModelSpec, load_catalog, split_served
 from telemetry import tracing

@@ -5,12 +5,7 @@ import json
 import os
 import sys
 
-
-def _channel(target: str):
-    import grpc
-
-    from services.rpc import options
-    return grpc.insecure_channel(target, options=options())
+from services.pool_cli import _channel
 
 
 def adapters_dict(router: str, base: str = "", timeout: float = 5.0) -> list[dict]:
@@ -44,32 +39,17 @@ def cmd_adapters(args) -> int:
 
 
 def cmd_admin_adapter(args) -> int:
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    token = args.token or os.environ.get("SWITCHYARD_ADMIN_TOKEN", "")
-    md = (("authorization", f"Bearer {token}"),) if token else ()
-    with _channel(args.router) as ch:
-        stub = inference_pb2_grpc.AdminStub(ch)
-        try:
-            if args.admin_cmd == "load-adapter":
-                # The workers read the path; a folder that exists here is sent absolute (same machine).
-                path = os.path.abspath(args.path) if os.path.isdir(args.path) else args.path
-                resp = stub.LoadAdapter(inference_pb2.LoadAdapterRequest(
-                    name=args.name, path=path, base_model=args.base or "", capabilities=args.capability or []),
-                    metadata=md, timeout=args.timeout)
-            else:
-                resp = stub.UnloadAdapter(inference_pb2.UnloadAdapterRequest(
-                    name=args.name, drain_timeout_s=args.drain_timeout), metadata=md, timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"switchyard admin {args.admin_cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=1))
-    else:
-        print(resp.message + (f" ({resp.host_mb:.1f} MB)" if getattr(resp, "host_mb", 0) else ""))
-    return 0
+    from services.pool_cli import admin_call
+    def call(stub, pb, md):
+        if args.admin_cmd == "load-adapter":
+            # The workers read the path; a folder that exists here is sent absolute (same machine).
+            path = os.path.abspath(args.path) if os.path.isdir(args.path) else args.path
+            return stub.LoadAdapter(pb.LoadAdapterRequest(
+                name=args.name, path=path, base_model=args.base or "", capabilities=args.capability or []),
+                metadata=md, timeout=args.timeout)
+        return stub.UnloadAdapter(pb.UnloadAdapterRequest(name=args.name, drain_timeout_s=args.drain_timeout),
+                                  metadata=md, timeout=args.timeout)
+    return admin_call(args, call, lambda r: r.message + (f" ({r.host_mb:.1f} MB)" if getattr(r, "host_mb", 0) else ""))
 
 
 def add_parsers(sub, admin_sub, default_router: str) -> None:

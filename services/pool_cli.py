@@ -56,7 +56,9 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_admin(args) -> int:
+def admin_call(args, call, describe) -> int:
+    """Run `call(stub, inference_pb2, metadata)` on the router's Admin service with the admin token
+    (--token or $SWITCHYARD_ADMIN_TOKEN); print the reply (`describe(resp)`, or JSON with --json)."""
     import grpc
     from google.protobuf.json_format import MessageToDict
 
@@ -64,23 +66,28 @@ def cmd_admin(args) -> int:
     token = args.token or os.environ.get("SWITCHYARD_ADMIN_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else ()
     with _channel(args.router) as ch:
-        stub = inference_pb2_grpc.AdminStub(ch)
         try:
-            if args.admin_cmd == "load":
-                resp = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=args.name, version=args.version or "", source=args.source or "", replicas=args.replicas,
-                    wait=not args.no_wait), metadata=md, timeout=args.timeout)
-            else:
-                resp = stub.UnloadModel(inference_pb2.UnloadModelRequest(name=args.name, wait=not args.no_wait),
-                                        metadata=md, timeout=args.timeout)
+            resp = call(inference_pb2_grpc.AdminStub(ch), inference_pb2, md)
         except grpc.RpcError as e:
             print(f"switchyard admin {args.admin_cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=1))
     else:
-        print(resp.message + (f" (evicted: {', '.join(resp.evicted)})" if getattr(resp, "evicted", None) else ""))
+        print(describe(resp))
     return 0
+
+
+def cmd_admin(args) -> int:
+    def call(stub, pb, md):
+        if args.admin_cmd == "load":
+            return stub.LoadModel(pb.LoadModelRequest(
+                name=args.name, version=args.version or "", source=args.source or "", replicas=args.replicas,
+                wait=not args.no_wait), metadata=md, timeout=args.timeout)
+        return stub.UnloadModel(pb.UnloadModelRequest(name=args.name, wait=not args.no_wait),
+                                metadata=md, timeout=args.timeout)
+    return admin_call(args, call, lambda r: r.message + (f" (evicted: {', '.join(r.evicted)})"
+                                                         if getattr(r, "evicted", None) else ""))
 
 
 def add_parsers(sub, default_router: str) -> None:
