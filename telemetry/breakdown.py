@@ -17,7 +17,8 @@ boundaries (all processes share one host clock):
     prefill       = t_tok - t_sched            first schedule -> first token (batcher + worker)
     decode        = t_done - t_tok             [E2E only]
     worker_step   = the worker.step spans linked to the request's prefill (TTFT) or prefill+decode
-                    (E2E) span: nested inside prefill/decode, so it is not part of the sum.
+                    (E2E) span (or, for a decode step planned before the first token landed, to
+                    batcher.receive): nested inside prefill/decode, so it is not part of the sum.
 
 The top-level components telescope, so they add up to the router-measured TTFT / E2E exactly; what
 a client measures adds its own gRPC hop (tests/telemetry/test_breakdown.py checks the tolerance).
@@ -124,6 +125,8 @@ def request_breakdowns(spans: list[Span]) -> list[dict]:
         step_pre = {s.span_id: s for s in steps_by_ref.get(pre.span_id, ())}
         step_all = dict(step_pre)
         step_all.update({s.span_id: s for s in steps_by_ref.get(dec.span_id, ())})
+        # a decode step planned before the first token landed links batcher.receive
+        step_all.update({s.span_id: s for s in steps_by_ref.get(recv.span_id, ())})
         common = {"router": ms(gen.start, pub.start) - kv_ms, "kv_index": kv_ms,
                   "batcher_queue": ms(recv.start, pre.start), "prefill": ms(pre.start, pre.end)}
         ttft = dict(common, nats=ms(pub.start, recv.start) + ms(pre.end, t_first), decode=0.0,

@@ -7,7 +7,10 @@ dict lookup per request in the step, and only while traced requests are in fligh
 
 Parent chain: router.publish -> batcher.receive -> batcher.queue / batcher.prefill / batcher.decode;
 worker.step -> the prefill span of the first request prefilling in that step (else the decode span
-of the first request in it), with links to every traced request in the step.
+of the first request in it), with links to every traced request in the step. A step planned for
+a request whose first token has not landed yet (the batcher plans a step ahead) is a decode step,
+but its decode span does not exist yet: that step hangs off (and links) batcher.receive, so the
+prefill span still has exactly its own steps.
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ QUEUED, PREFILL, DECODE = 0, 1, 2
 
 
 class _Req:
-    __slots__ = ("ctx", "span", "phase", "tp", "model", "prompt_tokens")
+    __slots__ = ("ctx", "span", "phase", "tp", "model", "prompt_tokens", "planned", "target", "recv_tp")
 
-    def __init__(self, ctx, span, model: str, prompt_tokens: int):
+    def __init__(self, ctx, span, model: str, prompt_tokens: int, recv_tp: str = ""):
         self.ctx = ctx          # Context whose parent is batcher.receive
+        self.recv_tp = recv_tp  # traceparent of batcher.receive
         self.span = span        # the open one of queue / prefill / decode
         self.phase = QUEUED
         self.tp = ""            # traceparent of the open span (worker.step parent / link)
         self.model = model
         self.prompt_tokens = prompt_tokens
+        self.planned = 0        # tokens of its (re)computation planned so far
+        self.target = 0         # tokens to compute before its next token is sampled
 
 
 class BatcherSpans:
@@ -50,7 +56,7 @@ class BatcherSpans:
         ctx = propagation.context_of(recv_span)
         queue = tracing.tracer.start_span(tracing.BATCHER_QUEUE, context=ctx)
         recv_span.end()
-        r = _Req(ctx, queue, model, prompt_tokens)
+        r = _Req(ctx, queue, model, prompt_tokens, propagation.traceparent_of(recv_span))
         r.tp = propagation.traceparent_of(queue)
         self.reqs[request_id] = r
 
@@ -78,6 +84,8 @@ class BatcherSpans:
                     "switchyard.cached_tokens": nr.num_computed_tokens})
                 r.phase = PREFILL
                 r.tp = propagation.traceparent_of(r.span)
+            r.target = len(nr.token_ids)
+            r.planned = nr.num_computed_tokens + nr.num_new_tokens
             if not parent and r.phase == PREFILL:
                 parent = r.tp
             links.append(r.tp)
@@ -85,8 +93,14 @@ class BatcherSpans:
             r = reqs.get(rr.request_id)
             if r is None:
                 continue
-            if not parent and r.phase == PREFILL:   # a chunked prefill's later chunks
-                parent = r.tp
+            if r.phase == PREFILL:
+                if r.planned >= r.target:           # a decode planned before its first token landed
+                    parent = parent or r.recv_tp
+                    links.append(r.recv_tp)
+                    continue
+                r.planned += rr.num_new_tokens
+                if not parent:                      # a chunked prefill's later chunks
+                    parent = r.tp
             links.append(r.tp)
         if not parent and links:
             parent = links[0]
