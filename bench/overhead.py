@@ -133,7 +133,8 @@ async def run_both(args, router: str) -> tuple[list[Trace], list[Trace]]:
 def run(args) -> tuple[list[Trace], list[Trace]]:
     if args.router:
         return asyncio.run(run_both(args, args.router))
-    cfg = stack_config(args.model, workers=1, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
+    cfg = stack_config(args.model, workers=1, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                       step_pipeline=not args.no_pipeline)
     with local_stack(cfg) as stack:
         return asyncio.run(run_both(args, stack.router_address))
 
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-kv-blocks", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--router", default=None, help="measure an already running stack instead of starting one")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="batcher and worker in lockstep (step_pipeline = false), to see what pipelining saves")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     engine, stack = summarize(eng_traces), summarize(stack_traces)
     added = {k.replace("_ms", "_added_ms"): stack[k] - engine[k]
              for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")}
-    report = {"machine": machine_info(), "model": args.model, "streams": args.streams, "max_tokens": args.max_tokens, "rounds": args.rounds,
+    report = {"machine": machine_info(), "model": args.model, "streams": args.streams, "max_tokens": args.max_tokens,
+              "rounds": args.rounds, "step_pipeline": not args.no_pipeline,
               "engine": engine, "stack": stack, "added": added}
     print(f"{'':10} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>10} {'ITL p99':>10}   (ms, {args.streams} streams)")
     for name, s in (("engine", engine), ("stack", stack)):
