@@ -309,17 +309,18 @@ class BatcherService:
                 continue
             self._apply_aborts()
             if not inflight:
+                # Nothing queued at the worker (a step whose shape the timer could not predict, e.g.
+                # after a prefill): the tokens go out before the next plan is made, because they
+                # include first tokens. A queued plan keeps the worker busy otherwise.
+                await self._publish_step(chunks)
+                chunks = []
                 if not core.has_unfinished():
-                    await self._publish_step(chunks)
-                    chunks = []
                     self._wake.clear()
                     await self._wake.wait()
                     await self._gather_burst()
                     continue
                 plan = core.schedule()
                 if plan.is_empty and not plan.finished_ids:
-                    await self._publish_step(chunks)
-                    chunks = []
                     # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
                     self._wake.clear()
                     try:
