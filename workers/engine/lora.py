@@ -416,6 +416,7 @@ class LoraBatch:
         self.n = 0
         self.gather_t: torch.Tensor | None = None   # [n * L] token row per padded position (pads -> 0)
         self.mask_t: torch.Tensor | None = None     # [n, L, 1] 1 for real rows, 0 for pads
+        self.block: tuple[int, int] | None = None   # (first row, L) when the grid is rows [r0, r0 + n*L)
 
     @classmethod
     def _build_padded(cls, mgr: AdapterManager, runs: list[tuple[int, int, int]], T: int, device) -> LoraBatch:
@@ -441,6 +442,12 @@ class LoraBatch:
         kinds = {k for slot in rows for k in (mgr.adapter_in_slot(slot).kinds() if mgr.adapter_in_slot(slot) else ())}
         b = cls(mgr, "bmm", None, [[(0, 0, 0, 0)] if k in kinds else [] for k in KINDS])
         b.s0, b.n = s0, n
+        r0 = gather[0]
+        if gather == list(range(r0, r0 + n * L)):
+            # No pads and the grid is one contiguous block of rows (decodes, each adapter the same
+            # count, ordered by slot): views of x and out replace the gather, mask and scatter.
+            b.block = (r0, L)
+            return b
         b.gather_t = torch.tensor(gather, dtype=torch.long, device=device)
         b.mask_t = torch.tensor(mask, dtype=mgr.dtype, device=device).view(n, L, 1)
         return b
@@ -496,6 +503,13 @@ class LoraBatch:
         st = self.layers[layer]
         A, Bs, offs = st.A[kind], st.B[kind], st.out_offsets[kind]
         R = self.R
+        if self.mode == "bmm" and self.block is not None:
+            n, s0, (r0, L) = self.n, self.s0, self.block
+            r1 = r0 + n * L
+            xa = torch.bmm(x[r0:r1].view(n, L, x.shape[-1]), A[s0:s0 + n])      # [n, L, nR]
+            for j, (o0, o1) in enumerate(offs):
+                out[r0:r1, o0:o1].view(n, L, o1 - o0).baddbmm_(xa[:, :, j * R:(j + 1) * R], Bs[j][s0:s0 + n])
+            return
         if self.mode == "bmm":
             n, s0, idx = self.n, self.s0, self.gather_t
             xg = x.index_select(0, idx).view(n, -1, x.shape[-1])                 # [n, L, in]
