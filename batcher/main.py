@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
+from services import proc
 from services.config import load_config
 
 
@@ -37,10 +37,7 @@ async def run_until_signalled(svc, cfg, nc) -> None:
     Shared by the engine batcher and the pass-through batcher (same start/drain/stop shape)."""
     from telemetry import tracing
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = proc.stop_on_signals()
     start = asyncio.create_task(svc.start(ready_timeout=cfg.startup_timeout_s))
     done, _ = await asyncio.wait({start, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if start in done:

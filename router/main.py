@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
-from services import rpc
+from services import proc, rpc
 from services.config import load_config
 
 SERVICES = ["switchyard.v1.Inference", "switchyard.v1.Admin"]
@@ -38,10 +37,7 @@ async def serve(args) -> None:
     await router.start()
     await rpc.set_serving(hs, SERVICES, True)
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = proc.stop_on_signals()
     await stop.wait()
     # Drain: NOT_SERVING first (load balancers stop sending), then let open streams finish.
     await rpc.set_serving(hs, SERVICES, False)

@@ -1,6 +1,8 @@
-"""Child processes for the launcher: own process group, die with the parent, stop in order."""
+"""Child processes for the launcher: own process group, die with the parent, stop in order.
+Also the children's side: `stop_on_signals`, the event every service process waits on."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -11,6 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (the launcher's stop, Ctrl-C); call inside the running loop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _child_setup() -> None:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import time
 import uuid
 
@@ -33,7 +32,7 @@ import grpc
 import numpy as np
 
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
-from services import rpc, subjects
+from services import proc, rpc, subjects
 from services.config import StackConfig, load_config
 from workers.backends.tritongrpc import load as load_triton
 
@@ -430,10 +429,7 @@ async def serve(args) -> None:
     rpc.bind(srv, args.host or cfg.host, args.port)
     await srv.start()
     await rpc.set_serving(hs, ["inference.GRPCInferenceService"], True)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = proc.stop_on_signals()
     await stop.wait()
     await rpc.set_serving(hs, ["inference.GRPCInferenceService"], False)
     await srv.stop(grace=min(cfg.drain_grace_s, 10.0))

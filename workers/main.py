@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
-from services import rpc
+from services import proc, rpc
 from services.config import load_config
 
 SERVICE = "switchyard.v1.Worker"
@@ -60,9 +59,7 @@ async def serve(args) -> None:
     await rpc.set_serving(hs, [SERVICE], True)
     logging.getLogger("switchyard.worker").info("worker %s serving %s on port %d", args.worker_id, cfg.model, port)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = proc.stop_on_signals()
     await stop.wait()
     await rpc.set_serving(hs, [SERVICE], False)
     await srv.stop(grace=2.0)
