@@ -427,11 +427,22 @@ class LoraBatch:
         read but contribute nothing); slots never hold an adapter of another kind's shape, and the
         stacks are zero beyond each adapter's rank and outside its targets, so no per-slot case
         remains."""
+        slots = {slot for slot, _, _ in runs}
+        kinds = {k for slot in slots for k in (mgr.adapter_in_slot(slot).kinds() if mgr.adapter_in_slot(slot) else ())}
+        b = cls(mgr, "bmm", None, [[(0, 0, 0, 0)] if k in kinds else [] for k in KINDS])
+        s0, s1 = min(slots), max(slots)
+        n = b.n = s1 - s0 + 1
+        b.s0 = s0
+        L = runs[0][2] - runs[0][1]
+        if len(runs) == n and all(slot == s0 + i and e - s == L and s == runs[0][1] + i * L
+                                  for i, (slot, s, e) in enumerate(runs)):
+            # One run per slot s0..s1 in order, all of length L, back to back (decodes, the same
+            # count per adapter): views of x and out replace the gather, mask and scatter.
+            b.block = (runs[0][1], L)
+            return b
         rows: dict[int, list[int]] = {}
         for slot, s, e in runs:
             rows.setdefault(slot, []).extend(range(s, e))
-        s0, s1 = min(rows), max(rows)
-        n = s1 - s0 + 1
         L = max(len(r) for r in rows.values())
         gather = [0] * (n * L)
         mask = [0.0] * (n * L)
@@ -439,15 +450,6 @@ class LoraBatch:
             base = (slot - s0) * L
             gather[base:base + len(rs)] = rs
             mask[base:base + len(rs)] = [1.0] * len(rs)
-        kinds = {k for slot in rows for k in (mgr.adapter_in_slot(slot).kinds() if mgr.adapter_in_slot(slot) else ())}
-        b = cls(mgr, "bmm", None, [[(0, 0, 0, 0)] if k in kinds else [] for k in KINDS])
-        b.s0, b.n = s0, n
-        r0 = gather[0]
-        if gather == list(range(r0, r0 + n * L)):
-            # No pads and the grid is one contiguous block of rows (decodes, each adapter the same
-            # count, ordered by slot): views of x and out replace the gather, mask and scatter.
-            b.block = (r0, L)
-            return b
         b.gather_t = torch.tensor(gather, dtype=torch.long, device=device)
         b.mask_t = torch.tensor(mask, dtype=mgr.dtype, device=device).view(n, L, 1)
         return b
