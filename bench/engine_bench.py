@@ -2,7 +2,8 @@
 when its binary is at hand) on one seeded offline workload, side by side in one run.
 
 Prints and writes: engine_output_tok_s, hf_output_tok_s, speedup_vs_hf, greedy_match_hf,
-decode_ms_per_step_bs1 (ours and HF's), peak memory, and llama.cpp's tok/s when available.
+decode_ms_per_step_bs1 (ours, ours on the fp32 weights alone when the GGUF blocks serve decode, and
+HF's), peak memory, and llama.cpp's tok/s when available.
 """
 from __future__ import annotations
 
@@ -231,14 +232,24 @@ def main(argv: list[str] | None = None) -> int:
         "num_requests": len(work), "prompt_len": args.prompt_len, "output_len": args.output_len,
         "kv_blocks": eng.runner.num_blocks,
     }
+    blocked = [m for m in eng.runner.model.modules() if getattr(m, "blocks", None) is not None]
+    res["block_weights"] = len(blocked)   # projections served from the GGUF blocks (CPU decode kernels)
     res["decode_ms_per_step_bs1"] = engine_decode_ms_bs1(eng)
+    if blocked:   # the same engine on its float32 weights only, side by side
+        saved = [m.blocks for m in blocked]
+        for m in blocked:
+            m.blocks = None
+        res["decode_ms_per_step_bs1_fp32"] = engine_decode_ms_bs1(eng)
+        for m, b in zip(blocked, saved):
+            m.blocks = b
     r = run_engine(eng, work)
     res["engine_output_tok_s"] = r["output_tok_s"]
     res["engine_seconds"] = r["seconds"]
     res["engine_preemptions"] = eng.stats().num_preemptions
     res["peak_memory_mb"] = peak_memory_mb(args.device)
     print(f"engine: {r['output_tok_s']:.1f} output tok/s ({r['output_tokens']} tokens in {r['seconds']:.1f} s); "
-          f"bs1 decode {res['decode_ms_per_step_bs1']:.2f} ms/step", flush=True)
+          f"bs1 decode {res['decode_ms_per_step_bs1']:.2f} ms/step"
+          + (f" ({res['decode_ms_per_step_bs1_fp32']:.2f} on the fp32 weights alone)" if blocked else ""), flush=True)
 
     if not args.no_hf:
         hf = load_hf_model(loaded, args.device)

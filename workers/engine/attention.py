@@ -8,7 +8,7 @@ lazily, only for CUDA tensors), falling back to the torch path when Triton is un
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None   # [B] int32, KV length incl. the new token
     decode_block_tables: torch.Tensor | None   # [B, max_blocks] int32/int64, padded
     max_decode_context_len: int
+    # Per-step values every layer would otherwise recompute (the gather indices and mask of the
+    # decode attention, whether any slot is padding), filled by the first layer that needs them.
+    step_cache: dict = field(default_factory=dict)
 
 
 def build_attention_metadata(prefills: list[tuple[int, int, list[int]]], decodes: list[tuple[int, list[int]]],
@@ -109,8 +112,9 @@ def _triton():
 # torch paths
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, kv_heads, head_dim] at flat slots (slot -1: skipped)."""
+             slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
+    """Store k, v [T, kv_heads, head_dim] at flat slots (slot -1: skipped). `step_cache` (the
+    metadata's) keeps the padding test to one per step instead of one per layer."""
     if k.shape[0] == 0:
         return
     if k_cache.is_cuda:
@@ -122,11 +126,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     vc = v_cache.view(-1, *v_cache.shape[2:])
     slots = slot_mapping
     # Drop padding slots (-1). On CUDA without Triton this is data-dependent (not graph-capturable).
-    if k_cache.is_cuda or bool((slots < 0).any()):
+    if k_cache.is_cuda:
+        padded = True
+    elif step_cache is not None:
+        padded = step_cache.get("padded")
+        if padded is None:
+            padded = step_cache["padded"] = bool((slots < 0).any())
+    else:
+        padded = bool((slots < 0).any())
+    if padded:
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
-    kc.index_copy_(0, slots, k.to(kc.dtype))
-    vc.index_copy_(0, slots, v.to(vc.dtype))
+    kc.index_copy_(0, slots, k if k.dtype == kc.dtype else k.to(kc.dtype))
+    vc.index_copy_(0, slots, v if v.dtype == vc.dtype else v.to(vc.dtype))
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -156,19 +168,36 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     return out[0].transpose(0, 1)
 
 
+def _decode_gather(block_tables: torch.Tensor, context_lens: torch.Tensor, L: int, block_size: int,
+                   step_cache: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat KV slots [B * L] of every decode sequence's first L positions, and the length mask
+    [B, 1, 1, L] (None when every sequence is L long, e.g. batch 1). Once per step, not per layer."""
+    if step_cache is not None and "decode_gather" in step_cache:
+        return step_cache["decode_gather"]
+    B = block_tables.shape[0]
+    pos = torch.arange(L, device=block_tables.device)
+    slots = block_tables.long().gather(1, (pos // block_size).expand(B, L)) * block_size + pos % block_size
+    lens = context_lens.to(torch.int64).clamp(min=1)      # padding rows (len 0) attend to slot 0: no NaN
+    full = not block_tables.is_cuda and bool((lens == L).all())   # a host check: never on CUDA (graphs)
+    mask = None if full else (pos[None, :] < lens[:, None]).view(B, 1, 1, L)
+    out = (slots.reshape(-1), mask)
+    if step_cache is not None:
+        step_cache["decode_gather"] = out
+    return out
+
+
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, max_context_len: int,
-                           scale: float) -> torch.Tensor:
+                           scale: float, step_cache: dict | None = None) -> torch.Tensor:
     """All decode tokens at once: q [B, H, D] -> [B, H, D], one batched SDPA with a length mask."""
     B = q.shape[0]
-    bs = k_cache.shape[1]
     L = max(int(max_context_len), 1)
-    nblk = (L + bs - 1) // bs
-    tables = block_tables[:, :nblk].long()
-    kh = k_cache[tables].flatten(1, 2)[:, :L].transpose(1, 2).to(q.dtype)   # [B, KVH, L, D]
-    vh = v_cache[tables].flatten(1, 2)[:, :L].transpose(1, 2).to(q.dtype)
-    lens = context_lens.to(torch.int64).clamp(min=1)      # padding rows (len 0) attend to slot 0: no NaN
-    mask = (torch.arange(L, device=q.device)[None, :] < lens[:, None]).view(B, 1, 1, L)
+    slots, mask = _decode_gather(block_tables, context_lens, L, k_cache.shape[1], step_cache)
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    kh = k_cache.view(-1, kvh, d).index_select(0, slots).view(B, L, kvh, d).transpose(1, 2)   # [B, KVH, L, D]
+    vh = v_cache.view(-1, kvh, d).index_select(0, slots).view(B, L, kvh, d).transpose(1, 2)
+    if kh.dtype != q.dtype:
+        kh, vh = kh.to(q.dtype), vh.to(q.dtype)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
 
@@ -176,10 +205,13 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write the new k, v into the cache, then attend. q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.step_cache)
     T = q.shape[0]
     n_prefill = sum(meta.prefill_query_lens)
     n_dec = meta.num_decode_tokens
+    if n_prefill == 0 and n_dec == T and not q.is_cuda:   # decode-only step: no output buffer to fill
+        return decode_attention_torch(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                      meta.max_decode_context_len, scale, meta.step_cache)
     if n_prefill + n_dec < T:
         out = torch.zeros_like(q)
     else:
@@ -198,5 +230,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             out[off:off + n_dec] = decode_attention_torch(qd, k_cache, v_cache, meta.decode_block_tables,
                                                           meta.decode_context_lens, meta.max_decode_context_len,
-                                                          scale)
+                                                          scale, meta.step_cache)
     return out

@@ -21,6 +21,25 @@ def _param(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
 
 
+def _proj(shape, device, dtype, bias: bool = False) -> nn.Module:
+    """A projection: `weight` [out, in] (+ `bias`), and `blocks`, the GGUF blocks of the same weight
+    when block_weights.attach_block_weights gave it some (small-batch CPU matmuls)."""
+    m = nn.Module()
+    m.weight = _param(shape, device, dtype)
+    m.bias = _param((shape[0],), device, dtype) if bias else None
+    m.blocks = None
+    return m
+
+
+def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ mod.weight.T (+ bias), through the block kernel for a few rows when the weight has blocks."""
+    bw = mod.blocks
+    if bw is not None and x.shape[0] <= bw.max_rows:
+        y = bw.linear(x)
+        return y if mod.bias is None else y + mod.bias
+    return F.linear(x, mod.weight, mod.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -28,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = _param((size,), device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:   # one fused op, bit-identical to the steps below for float32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # as HF LlamaRMSNorm: normalise in float32, cast back, then scale
         dt = x.dtype
         h = x.to(torch.float32)
@@ -45,23 +66,21 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv_proj = nn.Module()
-        self.qkv_proj.weight = _param((self.q_size + 2 * self.kv_size, cfg.hidden_size), device, dtype)
-        self.qkv_proj.bias = _param((self.q_size + 2 * self.kv_size,), device, dtype) if cfg.attention_bias else None
-        self.o_proj = nn.Module()
-        self.o_proj.weight = _param((cfg.hidden_size, self.q_size), device, dtype)
+        self.qkv_proj = _proj((self.q_size + 2 * self.kv_size, cfg.hidden_size), device, dtype, cfg.attention_bias)
+        self.o_proj = _proj((cfg.hidden_size, self.q_size), device, dtype)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache, lora=None):
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = linear(self.qkv_proj, x)
         if lora is not None:
             lora.apply(self.layer_idx, 0, x, qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        # q and k rotate together: one set of rope ops for both (the same per-element products)
+        qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim),
+                        cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(T, self.q_size)
-        out = F.linear(o, self.o_proj.weight)
+        out = linear(self.o_proj, o)
         if lora is not None:
             lora.apply(self.layer_idx, 1, o, out)
         return out
@@ -72,20 +91,18 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.layer_idx = 0
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Module()
-        self.gate_up_proj.weight = _param((2 * cfg.intermediate_size, cfg.hidden_size), device, dtype)
-        self.down_proj = nn.Module()
-        self.down_proj.weight = _param((cfg.hidden_size, cfg.intermediate_size), device, dtype)
+        self.gate_up_proj = _proj((2 * cfg.intermediate_size, cfg.hidden_size), device, dtype)
+        self.down_proj = _proj((cfg.hidden_size, cfg.intermediate_size), device, dtype)
 
     def forward(self, x, lora=None):
         if lora is None:
-            gate, up = F.linear(x, self.gate_up_proj.weight).split(self.intermediate_size, dim=-1)
-            return F.linear(F.silu(gate) * up, self.down_proj.weight)
-        gu = F.linear(x, self.gate_up_proj.weight)
+            gate, up = linear(self.gate_up_proj, x).split(self.intermediate_size, dim=-1)
+            return linear(self.down_proj, F.silu(gate) * up)
+        gu = linear(self.gate_up_proj, x)
         lora.apply(self.layer_idx, 2, x, gu)
         gate, up = gu.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up
-        out = F.linear(h, self.down_proj.weight)
+        out = linear(self.down_proj, h)
         lora.apply(self.layer_idx, 3, h, out)
         return out
 
@@ -147,12 +164,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         dtype = dtype or torch.get_default_dtype()
         self.model = LlamaModel(cfg, device, dtype)
+        self.lm_head = _proj((cfg.vocab_size, cfg.hidden_size), "meta" if cfg.tie_word_embeddings else device, dtype)
         if cfg.tie_word_embeddings:
-            self.lm_head = nn.Module()
             self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            self.lm_head = nn.Module()
-            self.lm_head.weight = _param((cfg.vocab_size, cfg.hidden_size), device, dtype)
         max_pos = max(int(cfg.max_position_embeddings or 0), 1)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling, device)
 
@@ -176,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+        return linear(self.lm_head, hidden).float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -52,6 +52,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     path: str | None          # HF-layout folder the weights came from (None for random weights)
+    gguf_path: str | None = None   # the GGUF file those weights were converted from (its blocks: block_weights.py)
 
 
 def _unknown(what: str) -> UnknownModelError:
@@ -250,13 +251,17 @@ def load_model(name_or_path: str, *, device="cpu", dtype: torch.dtype = torch.fl
     name = str(name_or_path)
     key = name.strip().lower()
     if key in SMOLLM2_NAMES:
-        return _load_hf_folder(smollm2_dir(), "smollm2-135m", device, dtype)
+        lm = _load_hf_folder(smollm2_dir(), "smollm2-135m", device, dtype)
+        lm.gguf_path = str(smollm2_gguf_path())
+        return lm
     if key.startswith("random:") and key[7:] in RANDOM_SHAPES:
         return _build_random(key[7:], device, dtype, seed)
     p = Path(os.path.expanduser(name))
     if p.is_file() and p.suffix.lower() == ".gguf":
         from workers.engine.gguf_convert import ensure_converted
-        return _load_hf_folder(ensure_converted(p), p.stem, device, dtype)
+        lm = _load_hf_folder(ensure_converted(p), p.stem, device, dtype)
+        lm.gguf_path = str(p.resolve())
+        return lm
     if p.is_dir() and (p / "config.json").exists():
         return _load_hf_folder(p, p.name, device, dtype)
     raise _unknown(name)

@@ -6,6 +6,7 @@ one token for every request whose chunk reached its last known token.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ class _SeqState:
     slot: int = 0                       # LoRA slot (0: the bare base model)
 
 
+def block_weights_enabled() -> bool:
+    """SWITCHYARD_BLOCK_WEIGHTS=0 turns the GGUF block kernels off in every engine (A/B benchmarks)."""
+    return os.environ.get("SWITCHYARD_BLOCK_WEIGHTS", "1").lower() not in ("0", "false", "no", "off")
+
+
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16 if config.device.startswith("cuda") else torch.float32
@@ -49,6 +55,10 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         if self.device.type == "cpu":
             self.model.relayout_for_cpu()
+            gguf_path = getattr(loaded, "gguf_path", None)
+            if config.block_weights and gguf_path and self.dtype == torch.float32 and block_weights_enabled():
+                from workers.engine.block_weights import attach_block_weights
+                attach_block_weights(self.model, gguf_path, config.block_weights_max_rows)
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         ctx = config.max_model_len or mc.max_position_embeddings

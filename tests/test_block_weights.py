@@ -1,0 +1,144 @@
+"""GGUF block weights on CPU: the native kernels multiply by exactly the float32 model's weights.
+
+SmolLM2 ships as Q4_1 (projections) + Q8_0 (tied embedding / lm_head). The engine keeps the fp32
+weights dequantized from those blocks and, for decode batches of up to block_weights_max_rows rows,
+multiplies through workers/engine/kernels/block_linear.cpp instead. These tests pin down that the
+blocks are the same weights (q/k rope rows un-permuted, q/k/v and gate/up fused in the same order),
+that the kernel equals x @ W.T up to float summation order, and that greedy decoding one sequence at
+a time through the kernels still equals transformers.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from workers.engine.block_weights import BlockWeight, attach_block_weights
+from workers.engine.kernels.build import load
+
+pytestmark = pytest.mark.skipif(not load(), reason="native kernels could not be built here (no g++?)")
+
+
+def _projections(model):
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        yield from (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+    yield model.lm_head
+
+
+@pytest.fixture(scope="module")
+def blocked():
+    """A separate SmolLM2 instance with blocks attached (the session fixture stays fp32-only)."""
+    from workers.engine.loader import load_model
+    lm = load_model("smollm2-135m")
+    n = attach_block_weights(lm.model, lm.gguf_path, max_rows=16)
+    assert n == 4 * lm.config.num_hidden_layers + 1, "every projection and the lm_head should get blocks"
+    return lm
+
+
+def test_blocks_dequantize_to_exactly_the_float32_weights(blocked):
+    fmts = set()
+    for mod in _projections(blocked.model):
+        bw = mod.blocks
+        fmts.add(bw.fmt)
+        assert torch.equal(bw.dequantize(), mod.weight.float()), (bw.fmt, tuple(mod.weight.shape))
+    assert fmts == {"q4_1", "q8_0"}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 16])
+def test_kernel_equals_float32_matmul(blocked, rows):
+    """Row counts on both sides of the kernel's 4-row passes; both formats (qkv is Q4_1, lm_head Q8_0)."""
+    g = torch.Generator().manual_seed(rows)
+    for mod in (blocked.model.model.layers[3].self_attn.qkv_proj, blocked.model.model.layers[7].mlp.down_proj,
+                blocked.model.lm_head):
+        x = torch.randn(rows, mod.weight.shape[1], generator=g)
+        ref = x.double() @ mod.weight.double().T
+        got = mod.blocks.linear(x)
+        assert got.shape == (rows, mod.weight.shape[0]) and got.dtype == torch.float32
+        rel = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 1e-5, (mod.blocks.fmt, rows, rel)
+
+
+def test_kernel_rejects_mismatched_shapes(blocked):
+    bw = blocked.model.model.layers[0].self_attn.o_proj.blocks
+    with pytest.raises(RuntimeError, match="does not match"):
+        bw.op(torch.randn(2, bw.in_features + 32), bw.qs, bw.scales)
+
+
+def test_blocks_of_other_weights_are_refused(blocked):
+    """attach compares the blocks with the fp32 weights (first and last row): a cache converted from a
+    different file must never be mixed with this file's blocks."""
+    from workers.engine.block_weights import _block_weight, read_gguf_blocks
+    cfg = blocked.config
+    blocks = read_gguf_blocks(blocked.gguf_path, cfg.num_attention_heads, cfg.num_key_value_heads)
+    ops = {"q4_1": torch.ops.switchyard.q4_1_linear, "q8_0": torch.ops.switchyard.q8_0_linear}
+    name = "model.layers.0.self_attn.o_proj.weight"
+    w = blocked.model.model.layers[0].self_attn.o_proj.weight
+    assert _block_weight([blocks[name]], w, 16, ops) is not None
+    assert _block_weight([blocks[name]], w + 1e-3, 16, ops) is None
+    assert _block_weight([blocks["model.layers.1.self_attn.o_proj.weight"]], w, 16, ops) is None
+
+
+@pytest.mark.slow
+def test_one_at_a_time_greedy_through_the_kernels_matches_hf(hf_smollm2):
+    """Batch-1 decode is the kernels' whole point: every decode matmul and the lm_head run on blocks."""
+    from workers.engine import Engine, SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.loader import load_model
+    eng = Engine(load_model("smollm2-135m"), EngineConfig(block_weights=True))
+    assert eng.core.runner.model.lm_head.blocks is not None
+    prompts = ["The capital of France is", "def fibonacci(n):\n", "Les élèves ont étudié"]
+    for p in prompts:
+        ours = eng.generate([p], SamplingParams(max_tokens=24, temperature=0.0))[0].token_ids
+        ids = torch.tensor([eng.tokenizer.encode(p)])
+        with torch.no_grad():
+            ref = hf_smollm2.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        eos = set(eng.tokenizer.eos_token_ids)
+        ref = ref[:next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))]
+        assert ours == ref, (p, ours, ref)
+
+
+def test_disabled_by_config_and_environment(monkeypatch):
+    from workers.engine.config import EngineConfig
+    from workers.engine.loader import load_model
+    from workers.engine.model_runner import ModelRunner
+    off = ModelRunner(load_model("smollm2-135m"), EngineConfig(block_weights=False, num_kv_blocks=8))
+    assert off.model.lm_head.blocks is None
+    monkeypatch.setenv("SWITCHYARD_BLOCK_WEIGHTS", "0")
+    env_off = ModelRunner(load_model("smollm2-135m"), EngineConfig(num_kv_blocks=8))
+    assert env_off.model.lm_head.blocks is None
+
+
+def test_random_weights_have_no_blocks():
+    from workers.engine.config import EngineConfig
+    from workers.engine.loader import load_model
+    from workers.engine.model_runner import ModelRunner
+    r = ModelRunner(load_model("random", random_weights="tiny"), EngineConfig(num_kv_blocks=8))
+    assert r.model.lm_head.blocks is None
+
+
+def test_without_a_compiler_the_engine_keeps_fp32(tmp_path):
+    """No g++ (CXX=/bin/false, empty kernel cache): load() warns and returns False, nothing raises."""
+    code = ("from workers.engine.kernels.build import load; import sys; sys.exit(0 if load() is False else 1)")
+    env = {**os.environ, "CXX": "/bin/false", "SWITCHYARD_KERNEL_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "native block kernels unavailable" in res.stderr
+
+
+def test_dequantize_reference_layout():
+    """Q4_1 low nibbles are weights 0-15, high nibbles 16-31; (d * q) + m; Q8_0 is d * int8."""
+    import numpy as np
+    blk = np.zeros((1, 20), np.uint8)
+    blk[0, 0:2] = np.array([0.5], np.float16).view(np.uint8)     # d
+    blk[0, 2:4] = np.array([-1.0], np.float16).view(np.uint8)    # m
+    blk[0, 4:20] = np.arange(16, dtype=np.uint8) | (np.uint8(15) << 4)
+    w = BlockWeight.from_blocks("q4_1", blk, 32).dequantize()[0]
+    assert w[:16].tolist() == [0.5 * q - 1.0 for q in range(16)] and w[16:].tolist() == [6.5] * 16
+    blk8 = np.zeros((1, 34), np.uint8)
+    blk8[0, 0:2] = np.array([0.25], np.float16).view(np.uint8)
+    blk8[0, 2:34] = np.arange(-16, 16, dtype=np.int8).view(np.uint8)
+    assert BlockWeight.from_blocks("q8_0", blk8, 32).dequantize()[0].tolist() == [0.25 * q for q in range(-16, 16)]

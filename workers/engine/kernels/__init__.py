@@ -1,0 +1,1 @@
+"""Native CPU kernels, compiled on this machine (workers/engine/kernels/build.py)."""
