@@ -202,16 +202,26 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.squeeze(2)
 
 
+def _decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+            native: bool) -> torch.Tensor:
+    """The decode tokens' attention on CPU: the native kernel (float32) or batched SDPA."""
+    if native and qd.dtype == torch.float32 and k_cache.dtype == torch.float32:
+        return torch.ops.switchyard.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables,
+                                                           meta.decode_context_lens, scale)
+    return decode_attention_torch(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                  meta.max_decode_context_len, scale, meta.step_cache)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write the new k, v into the cache, then attend. q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, native: bool = False) -> torch.Tensor:
+    """Write the new k, v into the cache, then attend. q [T, H, D], k/v [T, KVH, D] -> [T, H, D].
+    `native`: CPU decode attention through kernels/decode_ops.cpp (loaded by the caller)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.step_cache)
     T = q.shape[0]
     n_prefill = sum(meta.prefill_query_lens)
     n_dec = meta.num_decode_tokens
     if n_prefill == 0 and n_dec == T and not q.is_cuda:   # decode-only step: no output buffer to fill
-        return decode_attention_torch(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                      meta.max_decode_context_len, scale, meta.step_cache)
+        return _decode(q, k_cache, v_cache, meta, scale, native)
     if n_prefill + n_dec < T:
         out = torch.zeros_like(q)
     else:
@@ -228,7 +238,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             tri.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                        scale, out=out[off:off + n_dec])
         else:
-            out[off:off + n_dec] = decode_attention_torch(qd, k_cache, v_cache, meta.decode_block_tables,
-                                                          meta.decode_context_lens, meta.max_decode_context_len,
-                                                          scale, meta.step_cache)
+            out[off:off + n_dec] = _decode(qd, k_cache, v_cache, meta, scale, native)
     return out

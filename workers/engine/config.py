@@ -48,8 +48,10 @@ class EngineConfig:
     max_loras: int = 4                  # adapter slots on the device (distinct adapters in one batch)
     max_lora_rank: int = 16             # slot capacity; adapters of a higher rank are refused
     max_cpu_loras: int | None = None    # host-memory LRU of adapters behind the slots (None: 4 x max_loras, >= 16)
-    # GGUF models on CPU: decode matmuls of up to block_weights_max_rows rows read the file's Q4_1 / Q8_0
-    # blocks through native kernels (workers/engine/block_weights.py) instead of the float32 copy.
+    # float32 on CPU: native kernels (workers/engine/kernels/, built by `make install`) for fused decode ops;
+    # GGUF models also run matmuls of up to block_weights_max_rows rows on the file's Q4_1 / Q8_0 blocks
+    # (workers/engine/block_weights.py) instead of the float32 copy.
+    cpu_kernels: bool = True
     block_weights: bool = True
     block_weights_max_rows: int = 16
     lora_mode: str = "auto"             # auto | sgmv (segment per adapter) | bmm (padded per adapter) | bgmv (gather per token)

@@ -66,6 +66,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
+        self.native = False      # float32 CPU: decode attention through the native kernel (use_cpu_kernels)
         self.qkv_proj = _proj((self.q_size + 2 * self.kv_size, cfg.hidden_size), device, dtype, cfg.attention_bias)
         self.o_proj = _proj((cfg.hidden_size, self.q_size), device, dtype)
 
@@ -79,7 +80,7 @@ class LlamaAttention(nn.Module):
                         cos, sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(T, self.q_size)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.native).reshape(T, self.q_size)
         out = linear(self.o_proj, o)
         if lora is not None:
             lora.apply(self.layer_idx, 1, o, out)
@@ -169,6 +170,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         max_pos = max(int(cfg.max_position_embeddings or 0), 1)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, cfg.rope_scaling, device)
+        self.fused_cpu_ops = False   # see use_cpu_kernels
+
+    def use_cpu_kernels(self, on: bool = True) -> None:
+        """Run float32 CPU forwards through the native kernels (workers/engine/kernels/, loaded by
+        the caller): each residual add fused with the following RMSNorm, and the decode attention
+        as one op. Small decode steps are dominated by per-op dispatch, not arithmetic."""
+        self.fused_cpu_ops = on
+        for layer in self.model.layers:
+            layer.self_attn.native = on
 
     # ------------------------------------------------------------------ properties
     @property
@@ -185,9 +195,24 @@ class LlamaForCausalLM(nn.Module):
         """`lora`: a workers.engine.lora.LoraBatch adding per-token adapter deltas, or None (no cost)."""
         h = F.embedding(input_ids, self.model.embed_tokens.weight)
         cos, sin = self.rotary_emb(positions, h.dtype)
+        if self.fused_cpu_ops and h.dtype == torch.float32 and h.device.type == "cpu":
+            return self._forward_fused(h, cos, sin, attn_meta, kv_caches, lora)
         for layer, kv in zip(self.model.layers, kv_caches):
             h = layer(h, cos, sin, attn_meta, kv, lora)
         return self.model.norm(h)
+
+    def _forward_fused(self, h, cos, sin, meta, kv_caches, lora) -> torch.Tensor:
+        """The same layers with every residual add fused into the RMSNorm that follows it (the next
+        layer's input norm, or the final norm): one op instead of two per add."""
+        add_norm = torch.ops.switchyard.add_rms_norm
+        layers = self.model.layers
+        x = layers[0].input_layernorm(h)
+        for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
+            post = layer.post_attention_layernorm
+            h, x = add_norm(h, layer.self_attn(x, cos, sin, meta, kv, lora), post.weight, post.eps)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, x = add_norm(h, layer.mlp(x, lora), nxt.weight, nxt.eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(self.lm_head, hidden).float()

@@ -31,9 +31,9 @@ class _SeqState:
     slot: int = 0                       # LoRA slot (0: the bare base model)
 
 
-def block_weights_enabled() -> bool:
-    """SWITCHYARD_BLOCK_WEIGHTS=0 turns the GGUF block kernels off in every engine (A/B benchmarks)."""
-    return os.environ.get("SWITCHYARD_BLOCK_WEIGHTS", "1").lower() not in ("0", "false", "no", "off")
+def cpu_kernels_enabled() -> bool:
+    """SWITCHYARD_CPU_KERNELS=0 keeps every engine on plain torch ops (A/B benchmarks, debugging)."""
+    return os.environ.get("SWITCHYARD_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 
 def resolve_dtype(config: EngineConfig) -> torch.dtype:
@@ -55,10 +55,8 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         if self.device.type == "cpu":
             self.model.relayout_for_cpu()
-            gguf_path = getattr(loaded, "gguf_path", None)
-            if config.block_weights and gguf_path and self.dtype == torch.float32 and block_weights_enabled():
-                from workers.engine.block_weights import attach_block_weights
-                attach_block_weights(self.model, gguf_path, config.block_weights_max_rows)
+            if config.cpu_kernels and self.dtype == torch.float32 and cpu_kernels_enabled():
+                self._use_cpu_kernels(getattr(loaded, "gguf_path", None))
         self.block_size = config.block_size
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         ctx = config.max_model_len or mc.max_position_embeddings
@@ -88,6 +86,17 @@ class ModelRunner:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * elem
+
+    def _use_cpu_kernels(self, gguf_path: str | None) -> None:
+        """Native float32 CPU kernels (workers/engine/kernels/): fused decode ops, and the GGUF blocks
+        for small matmuls when the weights came from a GGUF file. Without a compiler: plain torch."""
+        from workers.engine.kernels.build import load
+        if not load():
+            return
+        self.model.use_cpu_kernels(True)
+        if self.config.block_weights and gguf_path:
+            from workers.engine.block_weights import attach_block_weights
+            attach_block_weights(self.model, gguf_path, self.config.block_weights_max_rows)
 
     def _blocks_from_memory(self) -> int:
         per_block = self.kv_bytes_per_block()

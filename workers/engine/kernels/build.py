@@ -1,4 +1,5 @@
-"""Compile and load the native CPU kernels (block_linear.cpp) as torch ops: torch.ops.switchyard.*.
+"""Compile and load the native CPU kernels as torch ops, torch.ops.switchyard.*: block_linear.cpp
+(GGUF block matmuls) and decode_ops.cpp (fused residual-add + RMSNorm, paged decode attention).
 
 They are built once per machine, torch version and source (`make install` runs
 `python -m workers.engine.kernels.build`; otherwise the first engine on CPU builds them, ~15 s)
@@ -21,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger("switchyard.kernels")
 
-SOURCE = Path(__file__).with_name("block_linear.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("block_linear.cpp", "decode_ops.cpp")]
 DIR_ENV = "SWITCHYARD_KERNEL_DIR"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-w"]
 
@@ -39,14 +40,15 @@ def library_path() -> Path:
     """Where this source, torch version and machine's build lives."""
     import torch
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for src in SOURCES:
+        key.update(src.read_bytes())
     key.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{' '.join(_FLAGS)}".encode())
     try:   # -march=native: a different CPU needs its own build
         key.update(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].encode())
     except (OSError, IndexError):
         pass
     root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "switchyard" / "kernels").expanduser()
-    return root / key.hexdigest()[:16] / "block_linear.so"
+    return root / key.hexdigest()[:16] / "switchyard_cpu.so"
 
 
 def build(force: bool = False) -> Path:
@@ -60,17 +62,28 @@ def build(force: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (g++) on PATH")
     root, includes, libdir = _torch_paths()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.{tag}")
+    objs = [out.with_name(f".{src.stem}.{tag}.o") for src in SOURCES]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes), str(SOURCE),
-           "-o", str(tmp), f"-L{libdir}", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{libdir}"]
+    compile_flags = [*_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in includes)]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # One translation unit per process: each spends ~12 s in torch's headers.
+        procs = [subprocess.Popen([cxx, *compile_flags, "-c", str(src), "-o", str(obj)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+        for src, proc in zip(SOURCES, procs):
+            _, err = proc.communicate(timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compiling {src.name} failed:\n{err[-4000:]}")
+        res = subprocess.run([cxx, *_FLAGS, *map(str, objs), "-o", str(tmp), f"-L{libdir}", "-ltorch", "-ltorch_cpu",
+                              "-lc10", f"-Wl,-rpath,{libdir}"], capture_output=True, text=True, timeout=600)
         if res.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"linking the kernels failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        for obj in objs:
+            obj.unlink(missing_ok=True)
     return out
 
 

@@ -1,4 +1,6 @@
-"""GGUF block weights on CPU: the native kernels multiply by exactly the float32 model's weights.
+"""Native float32 CPU kernels (workers/engine/kernels/): GGUF block matmuls and fused decode ops.
+
+GGUF block weights: the native kernels multiply by exactly the float32 model's weights.
 
 SmolLM2 ships as Q4_1 (projections) + Q8_0 (tied embedding / lm_head). The engine keeps the fp32
 weights dequantized from those blocks and, for decode batches of up to block_weights_max_rows rows,
@@ -105,9 +107,9 @@ def test_disabled_by_config_and_environment(monkeypatch):
     from workers.engine.config import EngineConfig
     from workers.engine.loader import load_model
     from workers.engine.model_runner import ModelRunner
-    off = ModelRunner(load_model("smollm2-135m"), EngineConfig(block_weights=False, num_kv_blocks=8))
+    off = ModelRunner(load_model("smollm2-135m"), EngineConfig(cpu_kernels=False, num_kv_blocks=8))
     assert off.model.lm_head.blocks is None
-    monkeypatch.setenv("SWITCHYARD_BLOCK_WEIGHTS", "0")
+    monkeypatch.setenv("SWITCHYARD_CPU_KERNELS", "0")
     env_off = ModelRunner(load_model("smollm2-135m"), EngineConfig(num_kv_blocks=8))
     assert env_off.model.lm_head.blocks is None
 
@@ -142,3 +144,45 @@ def test_dequantize_reference_layout():
     blk8[0, 0:2] = np.array([0.25], np.float16).view(np.uint8)
     blk8[0, 2:34] = np.arange(-16, 16, dtype=np.int8).view(np.uint8)
     assert BlockWeight.from_blocks("q8_0", blk8, 32).dequantize()[0].tolist() == [0.25 * q for q in range(-16, 16)]
+
+
+def test_add_rms_norm_is_the_residual_add_then_rmsnorm():
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    for T in (1, 5, 40):
+        h, d = torch.randn(T, 576, generator=g) * 3, torch.randn(T, 576, generator=g)
+        w = torch.randn(576, generator=g)
+        new_h, y = torch.ops.switchyard.add_rms_norm(h, d, w, 1e-5)
+        assert torch.equal(new_h, h + d)
+        torch.testing.assert_close(y, F.rms_norm(h + d, (576,), w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_native_decode_attention_equals_sdpa(table_dtype):
+    """GQA (9 query heads over 3 KV heads), contexts of different lengths across blocks not in order,
+    and a padding row (length 0, as the padded decode path sends) that must stay finite."""
+    from workers.engine.attention import decode_attention_torch
+    g = torch.Generator().manual_seed(1)
+    nb, bs, kvh, h, d = 24, 16, 3, 9, 64
+    kc, vc = torch.randn(nb, bs, kvh, d, generator=g), torch.randn(nb, bs, kvh, d, generator=g)
+    lens = torch.tensor([1, 17, 70, 0], dtype=torch.int32)
+    tables = torch.tensor([[5, 0, 0, 0, 0], [3, 9, 0, 0, 0], [20, 2, 11, 7, 13], [0, 0, 0, 0, 0]], dtype=table_dtype)
+    q = torch.randn(4, h, d, generator=g)
+    got = torch.ops.switchyard.paged_decode_attention(q, kc, vc, tables, lens, d ** -0.5)
+    ref = decode_attention_torch(q, kc, vc, tables, lens, int(lens.max()), d ** -0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_outputs_do_not_depend_on_the_cpu_kernels():
+    """The same batch (prefill then mixed decode) greedy, with the kernels and with plain torch ops."""
+    from workers.engine import Engine, SamplingParams
+    from workers.engine.config import EngineConfig
+    from workers.engine.loader import load_model
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "SELECT name FROM"]
+    outs = []
+    for on in (True, False):
+        eng = Engine(load_model("smollm2-135m"), EngineConfig(cpu_kernels=on, num_kv_blocks=64))
+        assert eng.runner.model.fused_cpu_ops is on
+        outs.append([o.token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))])
+    assert outs[0] == outs[1]
