@@ -186,3 +186,22 @@ def test_engine_outputs_do_not_depend_on_the_cpu_kernels():
         assert eng.runner.model.fused_cpu_ops is on
         outs.append([o.token_ids for o in eng.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))])
     assert outs[0] == outs[1]
+
+
+def test_gguf_blocks_are_cached_beside_the_conversion(tmp_path, monkeypatch):
+    """Parsing the GGUF (its whole vocabulary) takes seconds: the first read writes
+    gguf_blocks.safetensors into the conversion cache folder, later reads map it, with equal bytes."""
+    import numpy as np
+    from workers.engine.block_weights import read_gguf_blocks
+    from workers.engine.gguf_convert import cache_dir_for
+    from workers.engine.loader import smollm2_gguf_path
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path))
+    gguf_path = smollm2_gguf_path()
+    folder = cache_dir_for(gguf_path)
+    folder.mkdir(parents=True)
+    parsed = read_gguf_blocks(gguf_path, 9, 3)
+    assert (folder / "gguf_blocks.safetensors").exists()
+    cached = read_gguf_blocks(gguf_path, 9, 3)
+    assert parsed.keys() == cached.keys() and len(parsed) == 30 * 7 + 1
+    for name, (fmt, a) in parsed.items():
+        assert cached[name][0] == fmt and np.array_equal(cached[name][1], a), name

@@ -71,7 +71,38 @@ class BlockWeight:
 
 def read_gguf_blocks(path: str, n_head: int, n_kv_heads: int) -> dict[str, tuple[str, np.ndarray]]:
     """HF weight name -> (format, uint8 [rows, bytes]) for every Q4_1 / Q8_0 matrix in the file,
-    q/k rows in HF's rotate-half order (the order the float32 cache holds)."""
+    q/k rows in HF's rotate-half order (the order the float32 cache holds).
+
+    Parsing a GGUF's metadata (its whole vocabulary, in Python) takes seconds, so the result is
+    kept as `gguf_blocks.safetensors` in the file's conversion cache folder and memory-mapped
+    from there afterwards."""
+    from workers.engine.gguf_convert import cache_dir_for
+    cache = cache_dir_for(path) / "gguf_blocks.safetensors"
+    if cache.exists():
+        from workers.engine.loader import read_safetensors_mmap
+        out = {}
+        for key, t in read_safetensors_mmap(cache).items():
+            name, fmt = key.rsplit("|", 1)
+            out[name] = (fmt, t.numpy())
+        return out
+    out = _parse_gguf_blocks(path, n_head, n_kv_heads)
+    if cache.parent.is_dir():
+        import os
+        import uuid
+        from workers.engine.gguf_convert import save_safetensors
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            save_safetensors({f"{name}|{fmt}": torch.from_numpy(np.array(a, copy=True))
+                              for name, (fmt, a) in out.items()}, tmp)
+            os.replace(tmp, cache)
+        except OSError as e:   # a read-only cache: parse again next time
+            log.warning("could not cache GGUF blocks at %s: %s", cache, e)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _parse_gguf_blocks(path: str, n_head: int, n_kv_heads: int) -> dict[str, tuple[str, np.ndarray]]:
     import gguf
     from workers.engine.gguf_convert import hf_name, unpermute_qk_rows
     kinds = {gguf.GGMLQuantizationType.Q4_1: "q4_1", gguf.GGMLQuantizationType.Q8_0: "q8_0"}
