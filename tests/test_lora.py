@@ -211,6 +211,7 @@ def test_a_slot_reused_by_a_smaller_adapter_holds_only_its_weights(smollm2, tmp_
 @pytest.mark.parametrize("rows", [[0, 1, 1, 2, 2, 3, 3, 4, 4],      # base row, then equal blocks: views, no gather
                                   [1, 1, 1, 2, 3, 3, 0, 4]])         # unequal and split: padded gather
 def test_every_lora_path_adds_the_same_delta(smollm2, adapters, rows):
+    """sgmv, bmm (padded gather; or the contiguous block: native op when built, else views), bgmv."""
     eng = make_engine(smollm2, adapters)
     slot = {n: eng.load_adapter(n, str(adapters[n])) for n in ("a1", "a2", "a3", "a4")}
     token_slots = [0 if r == 0 else slot[f"a{r}"] for r in rows]
@@ -221,11 +222,15 @@ def test_every_lora_path_adds_the_same_delta(smollm2, adapters, rows):
     for kind, (fin, fout) in dims.items():
         x = torch.randn(len(rows), fin, generator=g)
         got = {}
-        for mode in ("sgmv", "bmm", "bgmv"):
+        for mode in ("sgmv", "bmm", "bmm-torch", "bgmv"):
             out = torch.zeros(len(rows), fout)
-            LoraBatch.build(mgr, token_slots, mode=mode).apply(3, kind, x, out)
+            batch = LoraBatch.build(mgr, token_slots, mode=mode.removesuffix("-torch"))
+            if mode == "bmm-torch":   # the contiguous block without the native op (views + baddbmm_)
+                batch.native = False
+            batch.apply(3, kind, x, out)
             got[mode] = out
         assert got["sgmv"].abs().max() > 0
         assert (got["bmm"] - got["sgmv"]).abs().max().item() < 1e-5
+        assert (got["bmm-torch"] - got["sgmv"]).abs().max().item() < 1e-5
         assert (got["bgmv"] - got["sgmv"]).abs().max().item() < 1e-5
         assert not got["sgmv"][[i for i, r in enumerate(rows) if r == 0]].any()   # base rows untouched

@@ -228,6 +228,7 @@ class AdapterManager:
         self.dtype = dtype
         self.max_cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(4 * max_loras, 16)
         self.mode = mode
+        self.native = False       # float32 CPU with the native kernels loaded (set by ModelRunner)
         self.registry: dict[str, str] = {}
         self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._slot_name: list[str | None] = [None] * (max_loras + 1)   # index 0 reserved
@@ -417,6 +418,7 @@ class LoraBatch:
         self.gather_t: torch.Tensor | None = None   # [n * L] token row per padded position (pads -> 0)
         self.mask_t: torch.Tensor | None = None     # [n, L, 1] 1 for real rows, 0 for pads
         self.block: tuple[int, int] | None = None   # (first row, L) when the grid is rows [r0, r0 + n*L)
+        self.native = mgr.native                    # the block case through kernels/decode_ops.cpp
 
     @classmethod
     def _build_padded(cls, mgr: AdapterManager, runs: list[tuple[int, int, int]], T: int, device) -> LoraBatch:
@@ -508,6 +510,9 @@ class LoraBatch:
         if self.mode == "bmm" and self.block is not None:
             n, s0, (r0, L) = self.n, self.s0, self.block
             r1 = r0 + n * L
+            if self.native:   # one op per projection: shrink and every expand, no strided views
+                torch.ops.switchyard.lora_block_apply(x[r0:r1], out[r0:r1], A, Bs, [o0 for o0, _ in offs], s0, n, L, R)
+                return
             xa = torch.bmm(x[r0:r1].view(n, L, x.shape[-1]), A[s0:s0 + n])      # [n, L, nR]
             for j, (o0, o1) in enumerate(offs):
                 out[r0:r1, o0:o1].view(n, L, o1 - o0).baddbmm_(xa[:, :, j * R:(j + 1) * R], Bs[j][s0:s0 + n])

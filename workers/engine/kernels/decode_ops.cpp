@@ -4,6 +4,10 @@
 //                 next RMSNorm of a Llama layer, in HF's order of operations)
 //   paged_decode_attention: one query token per sequence against its paged KV context (GQA),
 //                 softmax in float32; the cache already holds the new token's k and v.
+//   lora_block_apply: the LoRA deltas of a decode batch whose rows are grouped by adapter slot in
+//                 one contiguous block (L rows per slot): out += (x A[slot]) B_j[slot] per
+//                 sub-projection j, one op per projection instead of a shrink and an expand per
+//                 sub-projection (each a batched matmul over strided views).
 // float32 only; the Python side (llama.py, attention.py) uses them for float32 tensors on CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -128,10 +132,63 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+void lora_block_apply(const at::Tensor& x, at::Tensor& out, const at::Tensor& A, at::TensorList Bs,
+                      at::IntArrayRef offsets, int64_t s0, int64_t n, int64_t L, int64_t R) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat,
+              "lora_block_apply: float32 only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == n * L && out.size(0) == n * L && x.stride(1) == 1 &&
+                  out.stride(1) == 1, "lora_block_apply: x [n*L, in] and out [n*L, out] with unit column stride");
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous() && A.size(1) == x.size(1) && A.size(2) == R * (int64_t)Bs.size() &&
+                  s0 >= 0 && s0 + n <= A.size(0), "lora_block_apply: A [slots, in, n_sub * R] covering the slots");
+  TORCH_CHECK(offsets.size() == Bs.size(), "lora_block_apply: one column offset per B");
+  for (size_t j = 0; j < Bs.size(); j++)
+    TORCH_CHECK(Bs[j].scalar_type() == at::kFloat && Bs[j].dim() == 3 && Bs[j].is_contiguous() &&
+                    Bs[j].size(0) == A.size(0) && Bs[j].size(1) == R && offsets[j] + Bs[j].size(2) <= out.size(1),
+                "lora_block_apply: B [slots, R, out_j] inside out's columns");
+  const int64_t in = x.size(1), nR = A.size(2), ldx = x.stride(0), ldo = out.stride(0);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  std::vector<const float*> bp;
+  std::vector<int64_t> bw;
+  for (const auto& b : Bs) { bp.push_back(b.data_ptr<float>()); bw.push_back(b.size(2)); }
+  at::parallel_for(0, n, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> xa(L * nR);
+    for (int64_t g = g0; g < g1; g++) {
+      const float* a = ap + (s0 + g) * in * nR;
+      std::fill(xa.begin(), xa.end(), 0.f);
+      for (int64_t i = 0; i < in; i++) {         // shrink: xa[r] = x[r] A (A's rows read once for L rows)
+        const float* arow = a + i * nR;
+        for (int64_t r = 0; r < L; r++) {
+          const float xv = xp[(g * L + r) * ldx + i];
+          float* dst = xa.data() + r * nR;
+#pragma omp simd
+          for (int64_t c = 0; c < nR; c++) dst[c] += xv * arow[c];
+        }
+      }
+      for (size_t j = 0; j < bp.size(); j++) {    // expand: out[r, off_j:] += xa[r, jR:(j+1)R] B_j
+        const int64_t w = bw[j];
+        const float* b = bp[j] + (s0 + g) * R * w;
+        for (int64_t k = 0; k < R; k++) {
+          const float* brow = b + k * w;
+          for (int64_t r = 0; r < L; r++) {
+            const float coef = xa[r * nR + j * R + k];
+            float* orow = op + (g * L + r) * ldo + offsets[j];
+#pragma omp simd
+            for (int64_t c = 0; c < w; c++) orow[c] += coef * brow[c];
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(switchyard, m) {
   m.def("add_rms_norm(Tensor h, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)", &add_rms_norm);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor", &paged_decode_attention);
+  m.def("lora_block_apply(Tensor x, Tensor(a!) out, Tensor A, Tensor[] Bs, int[] offsets, int s0, int n, int L, "
+        "int R) -> ()", &lora_block_apply);
 }
