@@ -68,13 +68,23 @@ def test_cancel_frees_the_request_and_its_blocks(stack):
     async def main():
         async with channel(stack.router) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
-            call = stub.Generate(gen_request("Write a long story about a dragon. " * 8, max_tokens=400), timeout=120)
+            req = gen_request("Write a long story about a dragon. " * 8, max_tokens=400)
+            req.sampling.ignore_eos = True   # still running when we look, however fast the engine
+            call = stub.Generate(req, timeout=120)
             got = 0
+            busy = None
             async for _ in call:
                 got += 1
                 if got == 2:
+                    # Status comes from heartbeats (every 0.5 s): wait until one shows the request,
+                    # with the stream still open (leaving the loop may already cancel the call).
+                    deadline = time.monotonic() + 3.0
+                    while True:
+                        busy = stack.worker_status()
+                        if busy["num_running"] + busy["num_waiting"] >= 1 or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.1)
                     break
-            busy = stack.worker_status()
             call.cancel()
             return busy
     busy = asyncio.run(main())

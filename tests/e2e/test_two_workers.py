@@ -67,7 +67,9 @@ def test_worker_sigkill_fails_its_streams_fast_and_traffic_moves(stack2):
     victim_pid = stack2.state["workers"][victim]["worker_pid"]
 
     async def stream(stub, i):
-        call = stub.Generate(gen_request(f"Write a long essay about topic {i}.", max_tokens=300), timeout=120)
+        req = gen_request(f"Write a long essay about topic {i}.", max_tokens=300)
+        req.sampling.ignore_eos = True   # every stream must still be running when the worker dies
+        call = stub.Generate(req, timeout=120)
         worker = None
         try:
             async for r in call:
