@@ -18,17 +18,10 @@ import sys
 import pytest
 import torch
 
-from workers.engine.block_weights import BlockWeight, attach_block_weights
+from workers.engine.block_weights import BlockWeight, attach_block_weights, projections
 from workers.engine.kernels.build import load
 
 pytestmark = pytest.mark.skipif(not load(), reason="native kernels could not be built here (no g++?)")
-
-
-def _projections(model):
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        yield from (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-    yield model.lm_head
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +36,23 @@ def blocked():
 
 def test_blocks_dequantize_to_exactly_the_float32_weights(blocked):
     fmts = set()
-    for mod in _projections(blocked.model):
+    for mod, _ in projections(blocked.model):
         bw = mod.blocks
         fmts.add(bw.fmt)
         assert torch.equal(bw.dequantize(), mod.weight.float()), (bw.fmt, tuple(mod.weight.shape))
     assert fmts == {"q4_1", "q8_0"}
 
+
+
+def test_attaching_again_keeps_the_blocks_and_takes_the_new_row_limit(blocked):
+    """A second engine on the same loaded model neither re-reads nor repacks the blocks."""
+    before = [mod.blocks for mod, _ in projections(blocked.model)]
+    try:
+        assert attach_block_weights(blocked.model, blocked.gguf_path, max_rows=8) == len(before)
+        after = [mod.blocks for mod, _ in projections(blocked.model)]
+        assert all(a is b for a, b in zip(after, before)) and {b.max_rows for b in after} == {8}
+    finally:
+        attach_block_weights(blocked.model, blocked.gguf_path, max_rows=16)
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 16])
 def test_kernel_equals_float32_matmul(blocked, rows):
@@ -128,7 +132,7 @@ def test_without_a_compiler_the_engine_keeps_fp32(tmp_path):
     env = {**os.environ, "CXX": "/bin/false", "SWITCHYARD_KERNEL_DIR": str(tmp_path)}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "native block kernels unavailable" in res.stderr
+    assert "native CPU kernels unavailable" in res.stderr
 
 
 def test_dequantize_reference_layout():

@@ -111,6 +111,16 @@ def _triton():
 # ------------------------------------------------------------------------------------------------
 # torch paths
 
+def _once_per_step(step_cache: dict | None, key: str, compute):
+    """compute(), kept in the step's AttentionMetadata.step_cache so later layers reuse it (no cache:
+    computed every call)."""
+    if step_cache is None:
+        return compute()
+    if key not in step_cache:
+        step_cache[key] = compute()
+    return step_cache[key]
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor, step_cache: dict | None = None) -> None:
     """Store k, v [T, kv_heads, head_dim] at flat slots (slot -1: skipped). `step_cache` (the
@@ -126,15 +136,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     vc = v_cache.view(-1, *v_cache.shape[2:])
     slots = slot_mapping
     # Drop padding slots (-1). On CUDA without Triton this is data-dependent (not graph-capturable).
-    if k_cache.is_cuda:
-        padded = True
-    elif step_cache is not None:
-        padded = step_cache.get("padded")
-        if padded is None:
-            padded = step_cache["padded"] = bool((slots < 0).any())
-    else:
-        padded = bool((slots < 0).any())
-    if padded:
+    if k_cache.is_cuda or _once_per_step(step_cache, "padded", lambda: bool((slots < 0).any())):
         keep = slots >= 0
         slots, k, v = slots[keep], k[keep], v[keep]
     kc.index_copy_(0, slots, k if k.dtype == kc.dtype else k.to(kc.dtype))
@@ -172,18 +174,15 @@ def _decode_gather(block_tables: torch.Tensor, context_lens: torch.Tensor, L: in
                    step_cache: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat KV slots [B * L] of every decode sequence's first L positions, and the length mask
     [B, 1, 1, L] (None when every sequence is L long, e.g. batch 1). Once per step, not per layer."""
-    if step_cache is not None and "decode_gather" in step_cache:
-        return step_cache["decode_gather"]
-    B = block_tables.shape[0]
-    pos = torch.arange(L, device=block_tables.device)
-    slots = block_tables.long().gather(1, (pos // block_size).expand(B, L)) * block_size + pos % block_size
-    lens = context_lens.to(torch.int64).clamp(min=1)      # padding rows (len 0) attend to slot 0: no NaN
-    full = not block_tables.is_cuda and bool((lens == L).all())   # a host check: never on CUDA (graphs)
-    mask = None if full else (pos[None, :] < lens[:, None]).view(B, 1, 1, L)
-    out = (slots.reshape(-1), mask)
-    if step_cache is not None:
-        step_cache["decode_gather"] = out
-    return out
+    def compute():
+        B = block_tables.shape[0]
+        pos = torch.arange(L, device=block_tables.device)
+        slots = block_tables.long().gather(1, (pos // block_size).expand(B, L)) * block_size + pos % block_size
+        lens = context_lens.to(torch.int64).clamp(min=1)      # padding rows (len 0) attend to slot 0: no NaN
+        full = not block_tables.is_cuda and bool((lens == L).all())   # a host check: never on CUDA (graphs)
+        mask = None if full else (pos[None, :] < lens[:, None]).view(B, 1, 1, L)
+        return slots.reshape(-1), mask
+    return _once_per_step(step_cache, "decode_gather", compute)
 
 
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

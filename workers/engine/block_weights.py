@@ -138,33 +138,37 @@ def _block_weight(parts: list[tuple[str, np.ndarray] | None], weight: torch.Tens
     return BlockWeight.from_blocks(fmt, data, in_f, max_rows, ops[fmt])
 
 
+def projections(model):
+    """(module, the HF weight names it holds, fused in this order) for every matmul blocks can serve."""
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}."
+        a, m = layer.self_attn, layer.mlp
+        yield a.qkv_proj, [pre + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        yield a.o_proj, [pre + "self_attn.o_proj.weight"]
+        yield m.gate_up_proj, [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+        yield m.down_proj, [pre + "mlp.down_proj.weight"]
+    yield model.lm_head, ["model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"]
+
+
 def attach_block_weights(model, gguf_path: str, max_rows: int = 16) -> int:
     """Give each projection of `model` (float32, CPU) its GGUF blocks; returns how many got them.
 
     Needs the native kernels; without them (or for formats other than Q4_1 / Q8_0) the projection
-    keeps only its float32 weight."""
+    keeps only its float32 weight. A model that already has all its blocks (an earlier engine on
+    the same loaded model) only takes the new `max_rows`."""
     from workers.engine.kernels.build import load
     if not load():
         return 0
+    mods = list(projections(model))
+    if all(mod.blocks is not None for mod, _ in mods):
+        for mod, _ in mods:
+            mod.blocks.max_rows = max_rows
+        return len(mods)
     ops = {"q4_1": torch.ops.switchyard.q4_1_linear, "q8_0": torch.ops.switchyard.q8_0_linear}
     cfg = model.config
     blocks = read_gguf_blocks(gguf_path, cfg.num_attention_heads, cfg.num_key_value_heads)
-    n = 0
-
-    def put(mod, names: list[str], rows: int) -> None:
-        nonlocal n
-        bw = _block_weight([blocks.get(k) for k in names], mod.weight, rows, ops)
-        mod.blocks = bw
-        n += bw is not None
-
-    for i, layer in enumerate(model.model.layers):
-        pre = f"model.layers.{i}."
-        a, m = layer.self_attn, layer.mlp
-        put(a.qkv_proj, [pre + f"self_attn.{p}_proj.weight" for p in "qkv"], max_rows)
-        put(a.o_proj, [pre + "self_attn.o_proj.weight"], max_rows)
-        put(m.gate_up_proj, [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"], max_rows)
-        put(m.down_proj, [pre + "mlp.down_proj.weight"], max_rows)
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    put(model.lm_head, [head], max_rows)
+    for mod, names in mods:
+        mod.blocks = _block_weight([blocks.get(k) for k in names], mod.weight, max_rows, ops)
+    n = sum(mod.blocks is not None for mod, _ in mods)
     log.info("block kernels serve %d projections of %s", n, gguf_path)
     return n

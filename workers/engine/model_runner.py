@@ -76,7 +76,7 @@ class ModelRunner:
                                        mode=config.lora_mode)
             for name, path in (config.lora_adapters or {}).items():
                 self.lora.register(name, path)
-            self.lora.native = self.model.fused_cpu_ops and self.dtype == torch.float32
+            self.lora.native = self.model.fused_cpu_ops   # set only for float32 on CPU
         self.decode_graphs: DecodeGraphs | None = None
         if (config.use_cuda_graphs and self.device.type == "cuda" and _triton() is not None):
             self.decode_graphs = DecodeGraphs(self, graph_batch_sizes(config.max_num_seqs))

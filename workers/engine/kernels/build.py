@@ -5,7 +5,7 @@ They are built once per machine, torch version and source (`make install` runs
 `python -m workers.engine.kernels.build`; otherwise the first engine on CPU builds them, ~15 s)
 into ~/.cache/switchyard/kernels (SWITCHYARD_KERNEL_DIR overrides). `-march=native` is the
 point: the block kernels are AVX-512/AVX2 code. Without a C++ compiler, or when the build fails,
-`load()` returns False once with a warning and the engine keeps its fp32 matmuls.
+`load()` returns False once with a warning and the engine runs plain torch ops.
 """
 from __future__ import annotations
 
@@ -98,8 +98,8 @@ def load() -> bool:
                 import torch
                 torch.ops.load_library(str(build()))
                 _state = True
-            except Exception as e:   # no compiler, no headers, a failed build: keep the fp32 matmuls
-                log.warning("native block kernels unavailable, using fp32 matmuls: %s", e)
+            except Exception as e:   # no compiler, no headers, a failed build: plain torch ops
+                log.warning("native CPU kernels unavailable, using plain torch ops: %s", e)
                 _state = False
     return _state
 
@@ -108,7 +108,7 @@ def main() -> int:
     try:
         path = build(force="--force" in sys.argv)
     except Exception as e:
-        print(f"switchyard kernels: not built ({e}); the engine will use fp32 matmuls on CPU", file=sys.stderr)
+        print(f"switchyard kernels: not built ({e}); the engine will run plain torch ops on CPU", file=sys.stderr)
         return 0   # optional speed-up: never fail an install over it
     import torch
     torch.ops.load_library(str(path))
