@@ -20,6 +20,7 @@ import grpc
 import nats
 
 from batcher.adapters import BatcherAdapters
+from batcher.admission_window import AdmissionWindow
 from batcher.engine_core import EngineCore, RequestOutput
 from batcher.scheduler import QueueFullError, Scheduler
 from batcher.step_timing import StepTimer
@@ -138,6 +139,7 @@ class BatcherService:
         self._hb_seq = 0
         self._wake = asyncio.Event()
         self._timer = StepTimer()
+        self._window = AdmissionWindow(cfg.admission_window_ms / 1000)
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self._tokenizer = None
@@ -317,7 +319,7 @@ class BatcherService:
                 if not core.has_unfinished():
                     self._wake.clear()
                     await self._wake.wait()
-                    await self._gather_burst()
+                    await self._window.gather(self._wake)
                     continue
                 plan = core.schedule()
                 if plan.is_empty and not plan.finished_ids:
@@ -379,18 +381,6 @@ class BatcherService:
         for subject, data in chunks:
             await publish(subject, data)
         await self._flush_kv_events()
-
-    async def _gather_burst(self) -> None:
-        """After idling, wait while requests keep arriving less than admission_window_ms apart
-        (at most 10 windows): a burst's requests reach us a few ms apart, and running a prefill of
-        the first alone would make the rest wait a whole step. A lone request pays one window."""
-        gap = self.cfg.admission_window_ms / 1000
-        for _ in range(10 if gap > 0 else 0):
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=gap)
-            except asyncio.TimeoutError:
-                return
 
     def _apply_aborts(self) -> None:
         if not self._aborts or self.core is None:
