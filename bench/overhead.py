@@ -7,6 +7,8 @@ p50/p99 of both and the difference ("added"). Goal on a 2-core box: added TTFT p
 added ITL p50 <= 0.5 ms at 8 streams. Also, per stack request, its TTFT minus the engine's own
 prefill time reported in its usage ("platform"): the same overhead measured without comparing two
 noisy runs (a burst's TTFT is one prefill step, so a round gives one TTFT sample per side).
+And the transport floor ("grpc floor", bench/grpc_floor.py): the same client and bursts against
+a no-op Generate server, i.e. what grpc.aio alone costs on this machine.
 """
 from __future__ import annotations
 
@@ -113,30 +115,39 @@ async def stack_round(stub, args, rnd: int) -> list[Trace]:
     return list(await asyncio.gather(*(one(i) for i in range(args.streams))))
 
 
-async def run_both(args, router: str) -> tuple[list[Trace], list[Trace]]:
-    """Alternate engine and stack rounds so both see the same background load on a shared box."""
+async def run_all(args, router: str, floor: str) -> tuple[list[Trace], list[Trace], list[Trace]]:
+    """Alternate engine, stack and floor rounds so all see the same background load on a shared box."""
     from protos.switchyard.v1 import inference_pb2_grpc
     from services.rpc import channel
 
     engine = EngineRunner(args)
     eng_traces: list[Trace] = []
     stack_traces: list[Trace] = []
-    async with channel(router) as ch:
+    floor_traces: list[Trace] = []
+    async with channel(router) as ch, channel(floor) as floor_ch:
         stub = inference_pb2_grpc.InferenceStub(ch)
-        await stack_round(stub, args, -1)  # warm the path (connections, first-step costs)
+        floor_stub = inference_pb2_grpc.InferenceStub(floor_ch)
+        await stack_round(stub, args, -1)  # warm the paths (connections, first-step costs)
+        await stack_round(floor_stub, args, -1)
         for rnd in range(args.rounds):
             eng_traces.extend(engine.round(rnd))
             stack_traces.extend(await stack_round(stub, args, rnd))
-    return eng_traces, stack_traces
+            floor_traces.extend(await stack_round(floor_stub, args, rnd))
+    return eng_traces, stack_traces, floor_traces
 
 
-def run(args) -> tuple[list[Trace], list[Trace]]:
-    if args.router:
-        return asyncio.run(run_both(args, args.router))
-    cfg = stack_config(args.model, workers=1, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-                       step_pipeline=not args.no_pipeline)
-    with local_stack(cfg) as stack:
-        return asyncio.run(run_both(args, stack.router_address))
+def run(args) -> tuple[list[Trace], list[Trace], list[Trace]]:
+    import tempfile
+    from pathlib import Path
+
+    from bench.grpc_floor import floor_server
+    with tempfile.TemporaryDirectory(prefix="sy-floor-") as logs, floor_server(Path(logs)) as floor:
+        if args.router:
+            return asyncio.run(run_all(args, args.router, floor))
+        cfg = stack_config(args.model, workers=1, num_kv_blocks=args.num_kv_blocks,
+                           max_model_len=args.max_model_len, step_pipeline=not args.no_pipeline)
+        with local_stack(cfg) as stack:
+            return asyncio.run(run_all(args, stack.router_address, floor))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
-    eng_traces, stack_traces = run(args)
-    engine, stack = summarize(eng_traces), summarize(stack_traces)
+    eng_traces, stack_traces, floor_traces = run(args)
+    engine, stack, floor = summarize(eng_traces), summarize(stack_traces), summarize(floor_traces)
     added = {k.replace("_ms", "_added_ms"): stack[k] - engine[k]
              for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")}
     report = {"machine": machine_info(), "model": args.model, "streams": args.streams, "max_tokens": args.max_tokens,
               "rounds": args.rounds, "step_pipeline": not args.no_pipeline,
-              "engine": engine, "stack": stack, "added": added}
+              "engine": engine, "stack": stack, "added": added,
+              "grpc_floor": {k: floor[k] for k in ("ttft_p50_ms", "ttft_p99_ms")}}
     print(f"{'':10} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>10} {'ITL p99':>10}   (ms, {args.streams} streams)")
     for name, s in (("engine", engine), ("stack", stack)):
         print(f"{name:10} {s['ttft_p50_ms']:>10.2f} {s['ttft_p99_ms']:>10.2f} {s['itl_p50_ms']:>10.2f} {s['itl_p99_ms']:>10.2f}")
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if "platform_ttft_p50_ms" in stack:
         print(f"{'platform':10} {stack['platform_ttft_p50_ms']:>10.2f} {stack['platform_ttft_p99_ms']:>10.2f}"
               f"   (stack TTFT minus the engine's own prefill, per request)")
+    print(f"{'grpc floor':10} {floor['ttft_p50_ms']:>10.2f} {floor['ttft_p99_ms']:>10.2f}"
+          f"   (TTFT of a no-op Generate server: the same client and bursts, grpc.aio alone)")
     if args.json_path:
         write_json(args.json_path, report)
     return 0
