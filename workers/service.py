@@ -2,7 +2,8 @@
 
 The worker owns the KV tensors and nothing else: it never decides who runs (the batcher does).
 `execute` runs on a one-thread executor so the event loop keeps answering health checks while
-a step is computing, and so steps never overlap.
+a step is computing, and so steps never overlap. Plans are queued on it as they arrive, so a
+pipelined next step starts the moment the current one ends.
 
 LoadAdapter / UnloadAdapter change the LoRA registry at run time (the batcher calls them on a
 ModelControl; it stops admitting an adapter's requests and waits for them before unloading).
@@ -89,13 +90,36 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         async with self._stream_lock:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._reset)
-            async for pb in request_iterator:
+            steps: asyncio.Queue = asyncio.Queue()   # (plan, its step's future) in plan order; None: no more
+
+            async def read_plans() -> None:
+                # Each plan goes to the step thread the moment it arrives. A pipelining batcher sends
+                # step N+1 before N ends, so the thread starts it as soon as N is done instead of
+                # waiting for this loop to write N's result and read the next plan (measured: the
+                # worker idled 1.7 ms between decode steps that way).
                 try:
-                    res = await loop.run_in_executor(self._executor, self._execute_pb, pb)
-                except Exception as e:  # a bad plan or an engine bug: fail the stream loudly
-                    log.exception("step %s failed", pb.step_id)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"worker step {pb.step_id} failed: {e}")
-                yield res
+                    async for pb in request_iterator:
+                        steps.put_nowait((pb, loop.run_in_executor(self._executor, self._execute_pb, pb)))
+                finally:
+                    steps.put_nowait(None)
+
+            reader = asyncio.create_task(read_plans())
+            try:
+                while (item := await steps.get()) is not None:
+                    pb, fut = item
+                    try:
+                        res = await fut
+                    except Exception as e:  # a bad plan or an engine bug: fail the stream loudly
+                        log.exception("step %s failed", pb.step_id)
+                        await context.abort(grpc.StatusCode.INTERNAL, f"worker step {pb.step_id} failed: {e}")
+                    yield res
+            finally:
+                # The stream ended or broke: plans not started yet are dropped (the next stream resets).
+                reader.cancel()
+                while not steps.empty():
+                    item = steps.get_nowait()
+                    if item is not None:
+                        item[1].cancel()
 
     async def Health(self, request: worker_pb2.HealthRequest, context) -> worker_pb2.WorkerInfo:
         r = self.runner
