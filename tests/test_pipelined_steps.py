@@ -90,7 +90,13 @@ def test_step_timer_sends_just_before_the_predicted_end():
     assert t.send_next_at(10.0, 8) is None                  # shape never seen: wait for the result
     t.observe(8, 0.100)
     assert t.send_next_at(10.0, 8) == pytest.approx(10.0 + 0.100 - 0.010)
-    t.observe(8, 0.050)                                     # EWMA
-    assert t.predict_s(8) == pytest.approx(0.075)
+    t.observe(8, 0.050)
+    assert t.predict_s(8) == pytest.approx(0.075)           # the median of what it has
+    t.observe(8, 0.052)
+    t.observe(8, 0.160)                                     # one slow step does not move it
+    assert t.predict_s(8) == pytest.approx(0.076)
+    for _ in range(5):
+        t.observe(8, 0.030)                                 # only the last 5 count
+    assert t.predict_s(8) == pytest.approx(0.030)
     t.observe(1, 0.010)
     assert t.send_next_at(0.0, 1) == pytest.approx(0.010 - 0.002)   # the floor on the lead
