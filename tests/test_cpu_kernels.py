@@ -161,6 +161,33 @@ def test_add_rms_norm_is_the_residual_add_then_rmsnorm():
         torch.testing.assert_close(y, F.rms_norm(h + d, (576,), w, 1e-5), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows, rank, widths", [
+    (1, 16, (576, 192)),      # decode, one row per adapter: 64- and 48-column tiles
+    (3, 8, (100,)),           # 3 rows; 24 shrink columns = a 16-tile and single columns; ragged expand
+    (6, 16, (1536, 40)),      # more rows than one 4-row pass; 40 = a 32-tile and single columns
+])
+def test_lora_block_apply_adds_each_slots_delta(rows, rank, widths):
+    """out[r] += sum_j (x[r] A[slot]) B_j[slot] for the rows of each slot in the block, compared with
+    float64 matmuls; the columns of `out` beyond the deltas stay untouched."""
+    g = torch.Generator().manual_seed(rows)
+    slots, s0, n, fin = 5, 1, 3, 70
+    A = torch.randn(slots, fin, len(widths) * rank, generator=g)
+    Bs = [torch.randn(slots, rank, w, generator=g) for w in widths]
+    offsets = [sum(widths[:j]) for j in range(len(widths))]
+    x = torch.randn(n * rows, fin, generator=g)
+    out0 = torch.randn(n * rows, sum(widths) + 3, generator=g)   # wider than the deltas: untouched columns
+    out = out0.clone()
+    torch.ops.switchyard.lora_block_apply(x, out, A, Bs, offsets, s0, n, rows, rank)
+    want = out0.double()
+    for i in range(n):
+        r = slice(i * rows, (i + 1) * rows)
+        xa = x[r].double() @ A[s0 + i].double()
+        for j, (o, w) in enumerate(zip(offsets, widths)):
+            want[r, o:o + w] += xa[:, j * rank:(j + 1) * rank] @ Bs[j][s0 + i].double()
+    assert (out.double() - want).abs().max().item() < 1e-3
+    assert torch.equal(out[:, sum(widths):], out0[:, sum(widths):])
+
+
 @pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
 def test_native_decode_attention_equals_sdpa(table_dtype):
     """GQA (9 query heads over 3 KV heads), contexts of different lengths across blocks not in order,

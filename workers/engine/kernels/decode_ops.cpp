@@ -13,9 +13,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -132,6 +137,112 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+// The LoRA loops keep an [LR rows x CW columns] tile of sums in registers (AVX-512; elsewhere a
+// small array the compiler vectorizes) while streaming each weight row once. With the sums in
+// memory, their loads and stores over the short rows (16-48 columns) were the limit, not the
+// weights: 149 MB of 8 rank-16 adapters took 23.5 ms on one core, now 18.5 (10 GB/s is the floor).
+
+// xa[r, c0:c0+CW] = sum_i x[r, i] A[i, c0:c0+CW]
+template <int LR, int CW>
+inline void shrink_tile(const float* x, int64_t ldx, const float* a, int64_t in, int64_t nR, int64_t c0, float* xa) {
+#if defined(__AVX512F__)
+  if constexpr (CW % 16 == 0) {
+    constexpr int NV = CW / 16;
+    __m512 acc[LR][NV];
+    for (int r = 0; r < LR; r++)
+      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i++) {
+      const float* row = a + i * nR + c0;
+      __m512 w[NV];
+      for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(row + 16 * v);
+      for (int r = 0; r < LR; r++) {
+        const __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(xv, w[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < LR; r++)
+      for (int v = 0; v < NV; v++) _mm512_storeu_ps(xa + r * nR + c0 + 16 * v, acc[r][v]);
+    return;
+  }
+#endif
+  float acc[LR][CW] = {};
+  for (int64_t i = 0; i < in; i++) {
+    const float* w = a + i * nR + c0;
+    for (int r = 0; r < LR; r++) {
+      const float xv = x[r * ldx + i];
+#pragma omp simd
+      for (int c = 0; c < CW; c++) acc[r][c] += xv * w[c];
+    }
+  }
+  for (int r = 0; r < LR; r++)
+    for (int c = 0; c < CW; c++) xa[r * nR + c0 + c] = acc[r][c];
+}
+
+// out[r, c0:c0+CW] += sum_k coef[r, k] B[k, c0:c0+CW]   (coef: xa's columns for this sub-projection)
+template <int LR, int CW>
+inline void expand_tile(const float* coef, int64_t ldc, const float* b, int64_t w, int64_t R, int64_t c0, float* out,
+                        int64_t ldo) {
+#if defined(__AVX512F__)
+  if constexpr (CW % 16 == 0) {
+    constexpr int NV = CW / 16;
+    __m512 acc[LR][NV];
+    for (int r = 0; r < LR; r++)
+      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(out + r * ldo + c0 + 16 * v);
+    for (int64_t k = 0; k < R; k++) {
+      const float* row = b + k * w + c0;
+      __m512 bv[NV];
+      for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(row + 16 * v);
+      for (int r = 0; r < LR; r++) {
+        const __m512 cv = _mm512_set1_ps(coef[r * ldc + k]);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(cv, bv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < LR; r++)
+      for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + r * ldo + c0 + 16 * v, acc[r][v]);
+    return;
+  }
+#endif
+  float acc[LR][CW];
+  for (int r = 0; r < LR; r++)
+    for (int c = 0; c < CW; c++) acc[r][c] = out[r * ldo + c0 + c];
+  for (int64_t k = 0; k < R; k++) {
+    const float* brow = b + k * w + c0;
+    for (int r = 0; r < LR; r++) {
+      const float cv = coef[r * ldc + k];
+#pragma omp simd
+      for (int c = 0; c < CW; c++) acc[r][c] += cv * brow[c];
+    }
+  }
+  for (int r = 0; r < LR; r++)
+    for (int c = 0; c < CW; c++) out[r * ldo + c0 + c] = acc[r][c];
+}
+
+// Columns [0, width) in tiles of 64, then one of 48/32/16, then single columns.
+template <typename Tile1>
+inline void over_columns(int64_t width, Tile1&& tile) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= width; c0 += 64) tile(std::integral_constant<int, 64>{}, c0);
+  const int64_t rest = width - c0;
+  if (rest >= 48) { tile(std::integral_constant<int, 48>{}, c0); c0 += 48; }
+  else if (rest >= 32) { tile(std::integral_constant<int, 32>{}, c0); c0 += 32; }
+  else if (rest >= 16) { tile(std::integral_constant<int, 16>{}, c0); c0 += 16; }
+  for (; c0 < width; c0++) tile(std::integral_constant<int, 1>{}, c0);
+}
+
+template <int LR>
+void lora_rows(const float* x, int64_t ldx, float* out, int64_t ldo, const float* a, int64_t in, int64_t nR,
+               const std::vector<const float*>& bs, const std::vector<int64_t>& bw, at::IntArrayRef offsets, int64_t R,
+               float* xa) {
+  over_columns(nR, [&](auto cw, int64_t c0) { shrink_tile<LR, decltype(cw)::value>(x, ldx, a, in, nR, c0, xa); });
+  for (size_t j = 0; j < bs.size(); j++) {
+    const int64_t w = bw[j];
+    float* o = out + offsets[j];
+    over_columns(w, [&](auto cw, int64_t c0) {
+      expand_tile<LR, decltype(cw)::value>(xa + j * R, nR, bs[j], w, R, c0, o, ldo);
+    });
+  }
+}
+
 void lora_block_apply(const at::Tensor& x, at::Tensor& out, const at::Tensor& A, at::TensorList Bs,
                       at::IntArrayRef offsets, int64_t s0, int64_t n, int64_t L, int64_t R) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat,
@@ -149,34 +260,24 @@ void lora_block_apply(const at::Tensor& x, at::Tensor& out, const at::Tensor& A,
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* ap = A.data_ptr<float>();
-  std::vector<const float*> bp;
-  std::vector<int64_t> bw;
-  for (const auto& b : Bs) { bp.push_back(b.data_ptr<float>()); bw.push_back(b.size(2)); }
   at::parallel_for(0, n, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> xa(L * nR);
+    std::vector<float> xa(4 * nR);
     for (int64_t g = g0; g < g1; g++) {
-      const float* a = ap + (s0 + g) * in * nR;
-      std::fill(xa.begin(), xa.end(), 0.f);
-      for (int64_t i = 0; i < in; i++) {         // shrink: xa[r] = x[r] A (A's rows read once for L rows)
-        const float* arow = a + i * nR;
-        for (int64_t r = 0; r < L; r++) {
-          const float xv = xp[(g * L + r) * ldx + i];
-          float* dst = xa.data() + r * nR;
-#pragma omp simd
-          for (int64_t c = 0; c < nR; c++) dst[c] += xv * arow[c];
-        }
+      std::vector<const float*> bs;
+      std::vector<int64_t> bw;
+      for (const auto& b : Bs) {
+        bs.push_back(b.data_ptr<float>() + (s0 + g) * R * b.size(2));
+        bw.push_back(b.size(2));
       }
-      for (size_t j = 0; j < bp.size(); j++) {    // expand: out[r, off_j:] += xa[r, jR:(j+1)R] B_j
-        const int64_t w = bw[j];
-        const float* b = bp[j] + (s0 + g) * R * w;
-        for (int64_t k = 0; k < R; k++) {
-          const float* brow = b + k * w;
-          for (int64_t r = 0; r < L; r++) {
-            const float coef = xa[r * nR + j * R + k];
-            float* orow = op + (g * L + r) * ldo + offsets[j];
-#pragma omp simd
-            for (int64_t c = 0; c < w; c++) orow[c] += coef * brow[c];
-          }
+      const float* a = ap + (s0 + g) * in * nR;
+      for (int64_t r0 = 0; r0 < L; r0 += 4) {   // rows of this slot, up to 4 at a time
+        const float* xr = xp + (g * L + r0) * ldx;
+        float* orow = op + (g * L + r0) * ldo;
+        switch (std::min<int64_t>(4, L - r0)) {
+          case 1: lora_rows<1>(xr, ldx, orow, ldo, a, in, nR, bs, bw, offsets, R, xa.data()); break;
+          case 2: lora_rows<2>(xr, ldx, orow, ldo, a, in, nR, bs, bw, offsets, R, xa.data()); break;
+          case 3: lora_rows<3>(xr, ldx, orow, ldo, a, in, nR, bs, bw, offsets, R, xa.data()); break;
+          default: lora_rows<4>(xr, ldx, orow, ldo, a, in, nR, bs, bw, offsets, R, xa.data()); break;
         }
       }
     }
