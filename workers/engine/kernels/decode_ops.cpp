@@ -142,79 +142,45 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
 // memory, their loads and stores over the short rows (16-48 columns) were the limit, not the
 // weights: 149 MB of 8 rank-16 adapters took 23.5 ms on one core, now 18.5 (10 GB/s is the floor).
 
-// xa[r, c0:c0+CW] = sum_i x[r, i] A[i, c0:c0+CW]
+// dst[r, 0:CW] = (add ? dst[r, 0:CW] : 0) + sum_t s[r, t] w[t, 0:CW]   for the LR rows r.
+// The shrink is this with s = x, w = A (t over the input features); each expand with s = the
+// shrunk columns of its sub-projection, w = B_j (t over the rank), added onto out.
 template <int LR, int CW>
-inline void shrink_tile(const float* x, int64_t ldx, const float* a, int64_t in, int64_t nR, int64_t c0, float* xa) {
+inline void tile_update(const float* s, int64_t lds, const float* w, int64_t ldw, int64_t T, float* dst,
+                        int64_t ldd, bool add) {
 #if defined(__AVX512F__)
   if constexpr (CW % 16 == 0) {
     constexpr int NV = CW / 16;
     __m512 acc[LR][NV];
     for (int r = 0; r < LR; r++)
-      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < in; i++) {
-      const float* row = a + i * nR + c0;
-      __m512 w[NV];
-      for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(row + 16 * v);
+      for (int v = 0; v < NV; v++) acc[r][v] = add ? _mm512_loadu_ps(dst + r * ldd + 16 * v) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t++) {
+      const float* row = w + t * ldw;
+      __m512 wv[NV];
+      for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_ps(row + 16 * v);
       for (int r = 0; r < LR; r++) {
-        const __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(xv, w[v], acc[r][v]);
+        const __m512 sv = _mm512_set1_ps(s[r * lds + t]);
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(sv, wv[v], acc[r][v]);
       }
     }
     for (int r = 0; r < LR; r++)
-      for (int v = 0; v < NV; v++) _mm512_storeu_ps(xa + r * nR + c0 + 16 * v, acc[r][v]);
-    return;
-  }
-#endif
-  float acc[LR][CW] = {};
-  for (int64_t i = 0; i < in; i++) {
-    const float* w = a + i * nR + c0;
-    for (int r = 0; r < LR; r++) {
-      const float xv = x[r * ldx + i];
-#pragma omp simd
-      for (int c = 0; c < CW; c++) acc[r][c] += xv * w[c];
-    }
-  }
-  for (int r = 0; r < LR; r++)
-    for (int c = 0; c < CW; c++) xa[r * nR + c0 + c] = acc[r][c];
-}
-
-// out[r, c0:c0+CW] += sum_k coef[r, k] B[k, c0:c0+CW]   (coef: xa's columns for this sub-projection)
-template <int LR, int CW>
-inline void expand_tile(const float* coef, int64_t ldc, const float* b, int64_t w, int64_t R, int64_t c0, float* out,
-                        int64_t ldo) {
-#if defined(__AVX512F__)
-  if constexpr (CW % 16 == 0) {
-    constexpr int NV = CW / 16;
-    __m512 acc[LR][NV];
-    for (int r = 0; r < LR; r++)
-      for (int v = 0; v < NV; v++) acc[r][v] = _mm512_loadu_ps(out + r * ldo + c0 + 16 * v);
-    for (int64_t k = 0; k < R; k++) {
-      const float* row = b + k * w + c0;
-      __m512 bv[NV];
-      for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(row + 16 * v);
-      for (int r = 0; r < LR; r++) {
-        const __m512 cv = _mm512_set1_ps(coef[r * ldc + k]);
-        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(cv, bv[v], acc[r][v]);
-      }
-    }
-    for (int r = 0; r < LR; r++)
-      for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + r * ldo + c0 + 16 * v, acc[r][v]);
+      for (int v = 0; v < NV; v++) _mm512_storeu_ps(dst + r * ldd + 16 * v, acc[r][v]);
     return;
   }
 #endif
   float acc[LR][CW];
   for (int r = 0; r < LR; r++)
-    for (int c = 0; c < CW; c++) acc[r][c] = out[r * ldo + c0 + c];
-  for (int64_t k = 0; k < R; k++) {
-    const float* brow = b + k * w + c0;
+    for (int c = 0; c < CW; c++) acc[r][c] = add ? dst[r * ldd + c] : 0.f;
+  for (int64_t t = 0; t < T; t++) {
+    const float* row = w + t * ldw;
     for (int r = 0; r < LR; r++) {
-      const float cv = coef[r * ldc + k];
+      const float sv = s[r * lds + t];
 #pragma omp simd
-      for (int c = 0; c < CW; c++) acc[r][c] += cv * brow[c];
+      for (int c = 0; c < CW; c++) acc[r][c] += sv * row[c];
     }
   }
   for (int r = 0; r < LR; r++)
-    for (int c = 0; c < CW; c++) out[r * ldo + c0 + c] = acc[r][c];
+    for (int c = 0; c < CW; c++) dst[r * ldd + c] = acc[r][c];
 }
 
 // Columns [0, width) in tiles of 64, then one of 48/32/16, then single columns.
@@ -233,12 +199,14 @@ template <int LR>
 void lora_rows(const float* x, int64_t ldx, float* out, int64_t ldo, const float* a, int64_t in, int64_t nR,
                const std::vector<const float*>& bs, const std::vector<int64_t>& bw, at::IntArrayRef offsets, int64_t R,
                float* xa) {
-  over_columns(nR, [&](auto cw, int64_t c0) { shrink_tile<LR, decltype(cw)::value>(x, ldx, a, in, nR, c0, xa); });
-  for (size_t j = 0; j < bs.size(); j++) {
+  over_columns(nR, [&](auto cw, int64_t c0) {   // shrink: xa = x A
+    tile_update<LR, decltype(cw)::value>(x, ldx, a + c0, nR, in, xa + c0, nR, false);
+  });
+  for (size_t j = 0; j < bs.size(); j++) {       // expand: out[:, off_j:] += xa[:, jR:(j+1)R] B_j
     const int64_t w = bw[j];
     float* o = out + offsets[j];
     over_columns(w, [&](auto cw, int64_t c0) {
-      expand_tile<LR, decltype(cw)::value>(xa + j * R, nR, bs[j], w, R, c0, o, ldo);
+      tile_update<LR, decltype(cw)::value>(xa + j * R, nR, bs[j] + c0, w, R, o + c0, ldo, true);
     });
   }
 }
