@@ -100,6 +100,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 try:
                     async for pb in request_iterator:
                         steps.put_nowait((pb, loop.run_in_executor(self._executor, self._execute_pb, pb)))
+                except grpc.aio.AioRpcError as e:   # the batcher went away mid-read: end the stream
+                    log.debug("Step stream read ended: %s", e.code())
                 finally:
                     steps.put_nowait(None)
 
