@@ -47,13 +47,14 @@ def floor_server(log_dir):
     addr = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                grpc.channel_ready_future(grpc.insecure_channel(addr)).result(timeout=0.5)
-                break
-            except grpc.FutureTimeoutError:
-                if not child.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"the gRPC floor server did not start:\n{child.tail()}")
+        with grpc.insecure_channel(addr) as probe:
+            while True:
+                try:
+                    grpc.channel_ready_future(probe).result(timeout=0.5)
+                    break
+                except grpc.FutureTimeoutError:
+                    if not child.alive() or time.monotonic() > deadline:
+                        raise RuntimeError(f"the gRPC floor server did not start:\n{child.tail()}")
         yield addr
     finally:
         child.stop(5.0)

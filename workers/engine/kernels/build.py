@@ -1,5 +1,6 @@
 """Compile and load the native CPU kernels as torch ops, torch.ops.switchyard.*: block_linear.cpp
-(GGUF block matmuls) and decode_ops.cpp (fused residual-add + RMSNorm, paged decode attention).
+(GGUF block matmuls) and decode_ops.cpp (fused residual-add + RMSNorm, paged decode attention,
+the LoRA deltas of a decode batch).
 
 They are built once per machine, torch version and source (`make install` runs
 `python -m workers.engine.kernels.build`; otherwise the first engine on CPU builds them, ~15 s)
