@@ -290,8 +290,10 @@ class Scheduler:
             if logprobs is not None:
                 r.logprobs.append(logprobs[k])
             sampled.append((r, tok))
+        bs = self.block_size
         for r in self.running:
-            self._cache_full_blocks(r)
+            if r.num_computed_tokens // bs > r.num_cached_blocks:    # a block filled: cache it (cheap test first)
+                self._cache_full_blocks(r)
         return sampled
 
     def _extend_hashes(self, req: Request) -> None:

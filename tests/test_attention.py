@@ -42,7 +42,10 @@ def test_build_metadata_slots():
     assert meta.slot_mapping.dtype == torch.int64
     assert meta.prefill_query_lens == [3, 2] and meta.prefill_context_lens == [7, 2]
     assert meta.num_decode_tokens == 2 and meta.max_decode_context_len == 5
-    assert meta.decode_block_tables.shape == (2, 4)
+    # Decode attention reads only the columns the longest decode context needs (5 tokens: 2 blocks),
+    # never a table padded to max_blocks_per_seq.
+    assert meta.decode_block_tables.shape == (2, 2)
+    assert meta.decode_block_tables[0].tolist() == [1, 3] and meta.decode_block_tables[1, 0] == 4
     assert meta.decode_context_lens.tolist() == [5, 1] and meta.decode_context_lens.dtype == torch.int32
 
 
@@ -105,6 +108,13 @@ _TRITON_SCRIPT = textwrap.dedent("""
         assert err < tol, (dtype, err)
         assert out[5].abs().max().item() == 0.0
         worst[str(dtype)] = err
+        # The engine's layout: a persistent table (more rows than the batch, garbage past each row's
+        # context) read at each sequence's row. Same result, bit for bit.
+        big = torch.randint(0, nb, (11, 64), generator=g).to(torch.int32)
+        rows = torch.tensor([7, 2, 10, 0, 4, 5], dtype=torch.int32)
+        big[rows.long(), :8] = bt
+        out_rows = ta.paged_decode_attention(q, kc, vc, big, lens, D ** -0.5, seq_rows=rows)
+        assert torch.equal(out_rows, out), dtype
         k = torch.randn(6, KVH, D, generator=g).to(dtype)
         v = torch.randn(6, KVH, D, generator=g).to(dtype)
         slots = torch.tensor([3, -1, 50, 17, -1, 600])
@@ -121,7 +131,8 @@ def test_triton_decode_matches_sdpa():
     into this process (on a GPU machine it would turn the real kernels into the interpreter)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton): the Triton decode kernel is untested here")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pythonpath = str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=pythonpath)
     r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     print("\n" + r.stdout.strip())

@@ -30,7 +30,7 @@ def test_padded_static_decode_matches_eager():
     graphs = DecodeGraphs(static.runner, [1, 2, 4], capture_graphs=False)
     calls = []
     real_run = graphs.run
-    graphs.run = lambda *a: calls.append(len(a[0])) or real_run(*a)
+    graphs.run = lambda step: calls.append(step.num_tokens) or real_run(step)
     static.runner.decode_graphs = graphs
     got = [o.token_ids for o in static.generate(prompts, greedy)]
     assert got == want

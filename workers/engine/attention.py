@@ -16,74 +16,100 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
+    """Where each token's KV goes and what each segment attends to.
+
+    Flat batch layout: the prefill segments first (one per sequence, in order), then the decode
+    tokens (one per sequence). Block ids are read through `block_table` (a persistent
+    `[rows, max_blocks]` int32 table, see step_inputs.BlockTable) at each segment's row, so the
+    metadata of a step is O(batch) whatever the context length.
+    """
     slot_mapping: torch.Tensor            # [T] int64, KV slot of each token (-1: padding, not written)
-    # Token layout of the flat batch: first the prefill segments (query_len > 1), one per sequence in order, then the decode tokens (query_len == 1), one per sequence.
-    prefill_query_lens: list[int]
-    prefill_context_lens: list[int]       # KV length after this step incl. this chunk (cached prefix + chunk)
-    prefill_block_tables: list[torch.Tensor]   # per prefill sequence, int64 block ids covering its context
+    prefill_query_lens: list[int]         # host
+    prefill_context_lens: list[int]       # host: KV length after this step incl. this chunk (cached prefix + chunk)
     num_decode_tokens: int
-    decode_context_lens: torch.Tensor | None   # [B] int32, KV length incl. the new token
-    decode_block_tables: torch.Tensor | None   # [B, max_blocks] int32/int64, padded
+    decode_context_lens: torch.Tensor | None   # [D] int32, KV length incl. the new token
     max_decode_context_len: int
+    block_table: torch.Tensor | None = None    # [rows, max_blocks] int32, persistent
+    prefill_rows: list[int] | None = None      # host rows of the prefill segments
+    prefill_rows_t: torch.Tensor | None = None            # [P] int32 (device)
+    prefill_query_start_loc: torch.Tensor | None = None   # [P+1] int32 (device)
+    prefill_seq_lens: torch.Tensor | None = None          # [P] int32 (device), = prefill_context_lens
+    max_prefill_query_len: int = 0
+    decode_rows: torch.Tensor | None = None    # [D] int32 (device) rows of the decode segments
+    # [D, W] int32: the decode rows' first W = ceil(max_decode_context_len / block_size) columns; the
+    # CPU step fills it on the host, the CUDA torch fallback gathers it on the device when first asked.
+    decode_block_tables: torch.Tensor | None = None
     # Per-step values every layer would otherwise recompute (the gather indices and mask of the
     # decode attention, whether any slot is padding), filled by the first layer that needs them.
     step_cache: dict = field(default_factory=dict)
 
+    def prefill_block_table(self, i: int) -> torch.Tensor:
+        """Segment i's block ids (a view of its row, as many columns as its context needs)."""
+        return self.block_table[self.prefill_rows[i]]
+
+    @property
+    def prefill_block_tables(self) -> list[torch.Tensor]:
+        return [self.prefill_block_table(i) for i in range(len(self.prefill_query_lens))]
+
+    def decode_tables(self, block_size: int) -> torch.Tensor:
+        """[D, W] block ids of the decode rows (W: just enough columns for the longest context)."""
+        if self.decode_block_tables is None:
+            W = max(1, -(-self.max_decode_context_len // block_size))
+            self.decode_block_tables = self.block_table[:, :W].index_select(0, self.decode_rows.long())
+        return self.decode_block_tables
+
 
 def build_attention_metadata(prefills: list[tuple[int, int, list[int]]], decodes: list[tuple[int, list[int]]],
                              block_size: int, device, max_blocks_per_seq: int | None = None) -> AttentionMetadata:
-    """prefills: (query_len, context_len, block_table); decodes: (context_len, block_table).
+    """Metadata from plain lists (tests and tools; the engine uses step_inputs.StepInputs).
 
-    Token i of a prefill chunk sits at position context_len - query_len + i; a decode token at
-    context_len - 1. slot = block_table[pos // block_size] * block_size + pos % block_size.
+    prefills: (query_len, context_len, block_table); decodes: (context_len, block_table). Token i of
+    a prefill chunk sits at position context_len - query_len + i; a decode token at context_len - 1.
+    slot = block_table[pos // block_size] * block_size + pos % block_size.
     """
-    pieces: list[torch.Tensor] = []           # per prefill segment: its tokens' slots (tensor ops)
-    pq, pc, pbt = [], [], []
+    tables = [bt for _, _, bt in prefills] + [bt for _, bt in decodes]
     for ql, cl, bt in prefills:
         if ql <= 0 or cl < ql:
             raise ValueError(f"bad prefill segment: query_len={ql} context_len={cl}")
         if len(bt) * block_size < cl:
             raise ValueError(f"block table of {len(bt)} blocks too short for context {cl}")
-        table = torch.tensor(bt, dtype=torch.int64)
-        pos = torch.arange(cl - ql, cl, dtype=torch.int64)
-        pieces.append(table[pos // block_size] * block_size + pos % block_size)
-        pq.append(ql)
-        pc.append(cl)
-        pbt.append(table.to(device))
-    dec_lens = []
-    dec_tables = []
-    dec_slots = []
-    for cl, bt in decodes:
+    for cl, _ in decodes:
         if cl <= 0:
             raise ValueError(f"bad decode context_len={cl}")
+    width = max([len(bt) for bt in tables] + [1])
+    if max_blocks_per_seq is not None:
+        if width > max_blocks_per_seq:
+            raise ValueError(f"a block table exceeds max_blocks_per_seq={max_blocks_per_seq}")
+    table = torch.zeros((max(len(tables), 1), width), dtype=torch.int32)
+    for r, bt in enumerate(tables):
+        table[r, :len(bt)] = torch.tensor(bt, dtype=torch.int32)
+    slots, ctx = [], []
+    for r, (ql, cl, bt) in enumerate(prefills):
+        pos = torch.arange(cl - ql, cl, dtype=torch.int64)
+        slots.append(table[r].long()[pos // block_size] * block_size + pos % block_size)
+        ctx.append(cl)
+    for cl, bt in decodes:
         pos = cl - 1
-        dec_slots.append(bt[pos // block_size] * block_size + pos % block_size)
-        dec_lens.append(cl)
-        dec_tables.append(bt)
-    pieces.append(torch.tensor(dec_slots, dtype=torch.int64))
-    slot_mapping = torch.cat(pieces).to(device)
-    if decodes:
-        width = max_blocks_per_seq if max_blocks_per_seq is not None else max(len(b) for b in dec_tables)
-        width = max(width, 1)
-        if any(len(bt) > width for bt in dec_tables):
-            raise ValueError(f"a block table exceeds max_blocks_per_seq={width}")
-        tab = torch.tensor([bt + [0] * (width - len(bt)) for bt in dec_tables], dtype=torch.int32)
-        decode_block_tables = tab.to(device)
-        decode_context_lens = torch.tensor(dec_lens, dtype=torch.int32, device=device)
-        max_dec = max(dec_lens)
-    else:
-        decode_block_tables = decode_context_lens = None
-        max_dec = 0
-    return AttentionMetadata(
-        slot_mapping=slot_mapping,
-        prefill_query_lens=pq,
-        prefill_context_lens=pc,
-        prefill_block_tables=pbt,
-        num_decode_tokens=len(decodes),
-        decode_context_lens=decode_context_lens,
-        decode_block_tables=decode_block_tables,
-        max_decode_context_len=max_dec,
-    )
+        slots.append(torch.tensor([bt[pos // block_size] * block_size + pos % block_size], dtype=torch.int64))
+        ctx.append(cl)
+    P, D = len(prefills), len(decodes)
+    qlens = [ql for ql, _, _ in prefills]
+    qsl = torch.zeros(P + 1, dtype=torch.int32)
+    if P:
+        qsl[1:] = torch.tensor(qlens, dtype=torch.int32).cumsum(0)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32)
+    rows_t = torch.arange(P + D, dtype=torch.int32)
+    max_dec = max(ctx[P:], default=0)
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.int64, device=device),
+        prefill_query_lens=qlens, prefill_context_lens=ctx[:P], num_decode_tokens=D,
+        decode_context_lens=ctx_t[P:].to(device) if D else None, max_decode_context_len=max_dec,
+        block_table=table.to(device), prefill_rows=list(range(P)), prefill_rows_t=rows_t[:P].to(device),
+        prefill_query_start_loc=qsl.to(device), prefill_seq_lens=ctx_t[:P].to(device),
+        max_prefill_query_len=max(qlens, default=0), decode_rows=rows_t[P:].to(device) if D else None)
+    if D:
+        meta.decode_tables(block_size)
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +132,25 @@ def _triton():
             except Exception:  # pragma: no cover - no triton on this machine
                 _triton_mod = None
     return _triton_mod
+
+
+_prefill_mod = None
+_prefill_checked = False
+
+
+def _triton_prefill():
+    """The triton_prefill module (varlen paged prefill kernel), or None - as _triton()."""
+    global _prefill_mod, _prefill_checked
+    if not _prefill_checked:
+        _prefill_checked = True
+        if _triton() is not None:
+            try:
+                from workers.engine import triton_prefill
+                if triton_prefill.available():
+                    _prefill_mod = triton_prefill
+            except ImportError:  # pragma: no cover - kernel module missing
+                _prefill_mod = None
+    return _prefill_mod
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +192,7 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len:
     """[context_len, kv_heads, head_dim] of one sequence, through its block table."""
     bs = cache.shape[1]
     nblk = (context_len + bs - 1) // bs
-    return cache[block_table[:nblk]].flatten(0, 1)[:context_len]
+    return cache[block_table[:nblk].long()].flatten(0, 1)[:context_len]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -204,10 +249,11 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def _decode(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
             native: bool) -> torch.Tensor:
     """The decode tokens' attention on CPU: the native kernel (float32) or batched SDPA."""
+    tables = meta.decode_tables(k_cache.shape[1])
     if native and qd.dtype == torch.float32 and k_cache.dtype == torch.float32:
-        return torch.ops.switchyard.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables,
+        return torch.ops.switchyard.paged_decode_attention(qd, k_cache, v_cache, tables,
                                                            meta.decode_context_lens, scale)
-    return decode_attention_torch(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+    return decode_attention_torch(qd, k_cache, v_cache, tables, meta.decode_context_lens,
                                   meta.max_decode_context_len, scale, meta.step_cache)
 
 
@@ -225,17 +271,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         out = torch.zeros_like(q)
     else:
         out = torch.empty_like(q)
-    off = 0
-    for ql, cl, bt in zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables):
-        out[off:off + ql] = prefill_attention(q[off:off + ql], k[off:off + ql], v[off:off + ql], k_cache, v_cache,
-                                              ql, cl, bt, scale)
-        off += ql
+    pre = _triton_prefill() if (q.is_cuda and n_prefill) else None
+    if pre is not None:
+        # One varlen launch for every prefill chunk, keys read from the cache (written above).
+        pre.paged_prefill_attention(q[:n_prefill], k_cache, v_cache, meta.block_table, meta.prefill_rows_t,
+                                    meta.prefill_query_start_loc, meta.prefill_seq_lens,
+                                    meta.max_prefill_query_len, scale, out=out[:n_prefill])
+        off = n_prefill
+    else:
+        off = 0
+        for i, (ql, cl) in enumerate(zip(meta.prefill_query_lens, meta.prefill_context_lens)):
+            out[off:off + ql] = prefill_attention(q[off:off + ql], k[off:off + ql], v[off:off + ql], k_cache,
+                                                  v_cache, ql, cl, meta.prefill_block_table(i), scale)
+            off += ql
     if n_dec:
         qd = q[off:off + n_dec]
         tri = _triton() if q.is_cuda else None
         if tri is not None:
-            tri.paged_decode_attention(qd, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                       scale, out=out[off:off + n_dec])
+            tri.paged_decode_attention(qd, k_cache, v_cache, meta.block_table, meta.decode_context_lens,
+                                       scale, out=out[off:off + n_dec], seq_rows=meta.decode_rows)
         else:
             out[off:off + n_dec] = _decode(qd, k_cache, v_cache, meta, scale, native)
     return out

@@ -128,6 +128,9 @@ class IncrementalDetokenizer:
         pending = self._pending
         if not pending:
             return "", False
+        if not self._stops:                 # nothing to match or hold back
+            self._pending = ""
+            return self._emit(pending), False
         # Any stop match starts inside pending: everything before it was emitted only
         # after ruling out that it could begin a stop string.
         hit = -1

@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
-from workers.engine.attention import AttentionMetadata, _triton, build_attention_metadata
+from workers.engine.attention import AttentionMetadata, _triton
 from workers.engine.config import EngineConfig
 from workers.engine.plan import StepPlan, StepResult
-from workers.engine.sampler import Sampler, SamplingTensors
-from workers.engine.sampling_params import SamplingParams
-
-
-@dataclass
-class _SeqState:
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_table: list[int]
-    num_computed: int
-    sampling: SamplingParams
-    seed: int
-    adapter_id: str | None = None
-    slot: int = 0                       # LoRA slot (0: the bare base model)
+from workers.engine.sampler import Sampler
+from workers.engine.step_inputs import PreparedStep, SeqSlot, StepInputs
 
 
 def cpu_kernels_enabled() -> bool:
@@ -67,7 +54,10 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(mc.num_hidden_layers)]
         self.sampler = Sampler()
-        self.seqs: dict[str, _SeqState] = {}
+        self.seqs: dict[str, SeqSlot] = {}
+        self.inputs = StepInputs(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device,
+                                 mc.vocab_size)
+        self.last_step_input_bytes = 0
         self.lora = None                # AdapterManager, when adapters can be served (max_loras > 0)
         if config.max_loras > 0:
             from workers.engine.lora import AdapterManager
@@ -119,74 +109,58 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.finished_ids:
-            self.seqs.pop(rid, None)
-        work: list[tuple[str, _SeqState, int]] = []
+            st = self.seqs.pop(rid, None)
+            if st is not None:
+                self.inputs.release(st.row)
+        work: list[tuple[str, SeqSlot, int]] = []
         for nr in plan.new_requests:
-            st = _SeqState(list(nr.token_ids), nr.num_prompt_tokens, list(nr.block_ids),
-                           nr.num_computed_tokens, nr.sampling, nr.seed, nr.adapter_id)
+            row = self.inputs.seat(nr.block_ids, nr.sampling, nr.seed)
+            st = SeqSlot(list(nr.token_ids), nr.num_prompt_tokens, nr.num_computed_tokens, row,
+                         nr.sampling, nr.seed, nr.adapter_id)
+            self.seqs[nr.request_id] = st
             if nr.adapter_id:
                 st.slot = self._adapter_slot(nr.adapter_id)
-            self.seqs[nr.request_id] = st
             work.append((nr.request_id, st, nr.num_new_tokens))
         for rr in plan.running:
             st = self.seqs[rr.request_id]
             if rr.new_block_ids:
-                st.block_table.extend(rr.new_block_ids)
+                self.inputs.table.append(st.row, rr.new_block_ids)
             work.append((rr.request_id, st, rr.num_new_tokens))
         if not work:
             return StepResult(step_id=plan.step_id, execute_ms=1000 * (time.perf_counter() - t0))
 
         # Prefill segments first, then single-token (decode) segments: the attention layout.
         # Within each, rows of one LoRA slot lie together (one segment per adapter).
-        work.sort(key=lambda w: (w[2] == 1, w[1].slot))
-        lora_rows: list[int] | None = [] if any(w[1].slot for w in work) else None
-        input_ids: list[int] = []
-        positions: list[int] = []
-        prefills, decodes = [], []
-        sample_rows: list[int] = []
-        sample_seqs: list[tuple[str, _SeqState]] = []
-        for rid, st, n in work:
-            c = st.num_computed
-            input_ids.extend(st.token_ids[c:c + n])
-            positions.extend(range(c, c + n))
-            if lora_rows is not None:
-                lora_rows.extend([st.slot] * n)
-            if n == 1:
-                decodes.append((c + 1, st.block_table))
-            else:
-                prefills.append((n, c + n, st.block_table))
-            if c + n == len(st.token_ids):
-                sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append((rid, st))
-            st.num_computed = c + n
-
-        dev = self.device
+        lora = any(w[1].slot for w in work)
+        if lora or any(w[2] != 1 for w in work):
+            work.sort(key=lambda w: (w[2] == 1, w[1].slot))
+        step = self.inputs.prepare(work)
+        self.last_step_input_bytes = self.inputs.last_bytes
         lora_batch = None
-        if lora_rows is not None:
+        if lora:
             from workers.engine.lora import LoraBatch
-            lora_batch = LoraBatch.build(self.lora, lora_rows, device=dev)
-        if (lora_batch is None and not prefills and self.decode_graphs is not None
-                and self.decode_graphs.fits(len(decodes))):
-            hidden = self.decode_graphs.run(input_ids, positions, decodes)
+            lora_rows = [st.slot for _, st, n in work for _ in range(n)]
+            lora_batch = LoraBatch.build(self.lora, lora_rows, device=self.device)
+        D = step.meta.num_decode_tokens
+        if (lora_batch is None and D == step.num_tokens and self.decode_graphs is not None
+                and self.decode_graphs.fits(D)):
+            hidden = self.decode_graphs.run(step)
+        elif lora_batch is None:
+            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches)
         else:
-            ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-            pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-            meta = build_attention_metadata(prefills, decodes, self.block_size, dev,
-                                            max_blocks_per_seq=self.max_blocks_per_seq)
-            if lora_batch is None:
-                hidden = self.model(ids_t, pos_t, meta, self.kv_caches)
-            else:
-                hidden = self.model(ids_t, pos_t, meta, self.kv_caches, lora=lora_batch)
-        result = StepResult(step_id=plan.step_id)
-        if sample_rows:
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
-            tensors = self._sampling_tensors(sample_seqs)
-            out = self.sampler(logits, tensors)
+            hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, lora=lora_batch)
+        return self._sample(plan.step_id, hidden, step, t0)
+
+    def _sample(self, step_id: int, hidden: torch.Tensor, step: PreparedStep, t0: float) -> StepResult:
+        result = StepResult(step_id=step_id)
+        if step.sample_seqs:
+            logits = self.model.compute_logits(hidden.index_select(0, step.sample_idx))
+            out = self.sampler(logits, step.sampling)
+            # The step's one device -> host read: the sampled ids (and their logprobs when asked).
             toks = out.token_ids.tolist()
-            for (rid, st), tok in zip(sample_seqs, toks):
+            for (_, st), tok in zip(step.sample_seqs, toks):
                 st.token_ids.append(tok)
-            result.request_ids = [rid for rid, _ in sample_seqs]
+            result.request_ids = [rid for rid, _ in step.sample_seqs]
             result.token_ids = toks
             if out.logprobs is not None:
                 result.logprobs = out.logprobs.tolist()
@@ -217,18 +191,6 @@ class ModelRunner:
     def adapter_names(self) -> list[str]:
         return self.lora.names() if self.lora is not None else []
 
-    def _sampling_tensors(self, seqs: list[tuple[str, _SeqState]]) -> SamplingTensors:
-        params = [st.sampling for _, st in seqs]
-        need_hist = any(p.repetition_penalty != 1.0 for p in params)
-        need_out = any(p.presence_penalty != 0.0 for p in params)
-        return SamplingTensors.build(
-            params=params,
-            seeds=[st.seed for _, st in seqs],
-            steps=[len(st.token_ids) - st.num_prompt_tokens for _, st in seqs],
-            token_histories=[st.token_ids for _, st in seqs] if need_hist else [],
-            output_histories=[st.token_ids[st.num_prompt_tokens:] for _, st in seqs] if need_out else [],
-            vocab_size=self.model_config.vocab_size, device=self.device)
-
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes to capture: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
@@ -244,8 +206,10 @@ class DecodeGraphs:
 
     The batch is padded to the next captured size: padding rows write to slot -1 (skipped) and
     have context length 0 (the attention kernel returns zeros). Everything the graph reads lives
-    in static buffers filled before replay. With `capture_graphs=False` the same padded static
-    path runs eagerly, which is how it is tested on CPU.
+    in static buffers filled before replay - ids, positions, slots, context lengths and each row's
+    seat in the persistent block table, which the graph reads in place (no per-step table copy;
+    the kernel walks only the columns a sequence's context needs). With `capture_graphs=False` the
+    same padded static path runs eagerly, which is how it is tested on CPU.
     """
 
     def __init__(self, runner: "ModelRunner", sizes: list[int], capture_graphs: bool = True):
@@ -257,8 +221,9 @@ class DecodeGraphs:
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
         self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros((n, runner.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.rows = torch.zeros(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[object, torch.Tensor]] = {}
+        self._table_generation = runner.inputs.table.generation
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -266,8 +231,8 @@ class DecodeGraphs:
     def _meta(self, bs: int, max_ctx: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slots[:bs], prefill_query_lens=[], prefill_context_lens=[],
-            prefill_block_tables=[], num_decode_tokens=bs, decode_context_lens=self.context_lens[:bs],
-            decode_block_tables=self.block_tables[:bs], max_decode_context_len=max_ctx)
+            num_decode_tokens=bs, decode_context_lens=self.context_lens[:bs], max_decode_context_len=max_ctx,
+            block_table=self.runner.inputs.table.device_table, decode_rows=self.rows[:bs])
 
     def _forward(self, bs: int, max_ctx: int) -> torch.Tensor:
         return self.runner.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs, max_ctx),
@@ -276,6 +241,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = None
+        self.graphs.clear()
+        self._table_generation = self.runner.inputs.table.generation
         max_ctx = self.runner.max_model_len
         for bs in reversed(self.sizes):        # largest first, so smaller graphs reuse its pool
             self._forward(bs, max_ctx)          # warm up kernels/autotuning outside capture
@@ -287,18 +254,19 @@ class DecodeGraphs:
             self.graphs[bs] = (g, out)
         torch.cuda.synchronize()
 
-    def run(self, input_ids: list[int], positions: list[int], decodes: list[tuple[int, list[int]]]) -> torch.Tensor:
-        n = len(input_ids)
+    def run(self, step: PreparedStep) -> torch.Tensor:
+        n = step.num_tokens
         bs = next(b for b in self.sizes if b >= n)
-        # Same slots/tables as the eager path, built on the host, then copied into the static
-        # buffers; rows n..bs are padding (slot -1, context length 0).
-        meta = build_attention_metadata([], decodes, self.runner.block_size, "cpu",
-                                        max_blocks_per_seq=self.block_tables.shape[1])
-        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        if self.capture_graphs and self._table_generation != self.runner.inputs.table.generation:
+            self.capture()              # the block table was reallocated (grew): graphs hold its old address
+        # Device-to-device copies of the step's inputs into the static buffers; rows n..bs are
+        # padding (slot -1, context length 0).
+        meta = step.meta
+        self.input_ids[:n].copy_(step.input_ids, non_blocking=True)
+        self.positions[:n].copy_(step.positions, non_blocking=True)
         self.slots[:n].copy_(meta.slot_mapping, non_blocking=True)
         self.context_lens[:n].copy_(meta.decode_context_lens, non_blocking=True)
-        self.block_tables[:n].copy_(meta.decode_block_tables, non_blocking=True)
+        self.rows[:n].copy_(meta.decode_rows, non_blocking=True)
         self.slots[n:bs].fill_(-1)
         self.context_lens[n:bs].zero_()
         if self.capture_graphs:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +36,7 @@ from workers.engine.sampling_params import SamplingParams
 
 __all__ = [
     "SamplingTensors", "SamplerOutput", "Sampler",
-    "apply_penalties", "apply_truncation", "hash_bits", "uniforms",
+    "apply_penalties", "apply_truncation", "hash_bits", "uniforms", "pad_histories",
 ]
 
 
@@ -131,6 +132,32 @@ class SamplingTensors:
     sort_width: int | None = None
     candidates_only: bool = False
 
+    # max_top_k: the largest top_k among the rows (host int; decides the nucleus shortcut without a sync)
+    max_top_k: int = 0
+
+    @classmethod
+    def from_arrays(cls, *, temps: np.ndarray, top_ks: np.ndarray, top_ps: np.ndarray, min_ps: np.ndarray,
+                    want_logprobs: bool, tensors: dict[str, Tensor], history: Tensor | None = None,
+                    output_history: Tensor | None = None) -> "SamplingTensors":
+        """Host flags from numpy copies of the settings; `tensors` already on the device (the
+        runner's one copy per step). Nothing here reads the device."""
+        sampled = temps != 0.0
+        all_greedy = not bool(sampled.any())
+        # truncation only matters for sampled rows
+        any_top_k = bool((sampled & (top_ks > 0)).any())
+        any_top_p = bool((sampled & (top_ps < 1.0)).any())
+        any_min_p = bool((sampled & (min_ps > 0.0)).any())
+        sort_width, candidates_only = None, False
+        if any_top_k or any_top_p:
+            k_s, p_s = top_ks[sampled], top_ps[sampled]
+            if not bool(((k_s == 0) & (p_s < 1.0)).any()):
+                sort_width = int(k_s.max())
+                candidates_only = bool((k_s > 0).all())
+        return cls(**tensors, history=history, output_history=output_history, all_greedy=all_greedy,
+                   any_top_k=any_top_k, any_top_p=any_top_p, any_min_p=any_min_p, want_logprobs=want_logprobs,
+                   sort_width=sort_width, candidates_only=candidates_only,
+                   max_top_k=int(top_ks.max()) if top_ks.size else 0)
+
     @classmethod
     def build(
         cls,
@@ -142,54 +169,36 @@ class SamplingTensors:
         vocab_size: int,
         device,
     ) -> "SamplingTensors":
-        n = len(params)
-        f32 = dict(dtype=torch.float32, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        temps = [float(p.temperature) for p in params]
-        top_ks = [int(p.top_k) if 0 < p.top_k < vocab_size else 0 for p in params]
-        top_ps = [float(p.top_p) for p in params]
-        min_ps = [float(p.min_p) for p in params]
-        reps = [float(p.repetition_penalty) for p in params]
-        pres = [float(p.presence_penalty) for p in params]
-        all_greedy = all(t == 0.0 for t in temps)
-        # truncation only matters for sampled rows
-        any_top_k = any(k > 0 and t != 0.0 for k, t in zip(top_ks, temps))
-        any_top_p = any(p < 1.0 and t != 0.0 for p, t in zip(top_ps, temps))
-        any_min_p = any(m > 0.0 and t != 0.0 for m, t in zip(min_ps, temps))
-        want_logprobs = any(p.logprobs for p in params)
-        sort_width, candidates_only = None, False
-        if any_top_k or any_top_p:
-            sampled = [(k, p) for k, p, t in zip(top_ks, top_ps, temps) if t != 0.0]
-            if not any(k == 0 and p < 1.0 for k, p in sampled):
-                sort_width = max(k for k, _ in sampled)
-                candidates_only = all(k > 0 for k, _ in sampled)
-
-        def pad(rows: list[list[int]]) -> Tensor:
-            width = max(1, max((len(r) for r in rows), default=0))
-            buf = [list(r) + [vocab_size] * (width - len(r)) for r in rows]
-            return torch.tensor(buf, **i64).reshape(n, width)
-
-        history = pad(token_histories) if any(r != 1.0 for r in reps) else None
-        output_history = pad(output_histories) if any(p != 0.0 for p in pres) else None
-        return cls(
-            temperatures=torch.tensor(temps, **f32),
-            top_ks=torch.tensor(top_ks, **i64),
-            top_ps=torch.tensor(top_ps, **f32),
-            min_ps=torch.tensor(min_ps, **f32),
-            repetition_penalties=torch.tensor(reps, **f32),
-            presence_penalties=torch.tensor(pres, **f32),
-            seeds=torch.tensor([int(s) & ((1 << 63) - 1) for s in seeds], **i64),
-            steps=torch.tensor([int(s) for s in steps], **i64),
-            history=history,
-            output_history=output_history,
-            all_greedy=all_greedy,
-            any_top_k=any_top_k,
-            any_top_p=any_top_p,
-            any_min_p=any_min_p,
-            want_logprobs=want_logprobs,
-            sort_width=sort_width,
-            candidates_only=candidates_only,
+        """From Python lists (tests, simple callers); the runner uses StepInputs' packed copy instead."""
+        arrays = dict(
+            temps=np.array([float(p.temperature) for p in params], dtype=np.float32),
+            top_ks=np.array([int(p.top_k) if 0 < p.top_k < vocab_size else 0 for p in params], dtype=np.int64),
+            top_ps=np.array([float(p.top_p) for p in params], dtype=np.float32),
+            min_ps=np.array([float(p.min_p) for p in params], dtype=np.float32),
         )
+        reps = np.array([float(p.repetition_penalty) for p in params], dtype=np.float32)
+        pres = np.array([float(p.presence_penalty) for p in params], dtype=np.float32)
+        t = lambda a: torch.from_numpy(a).to(device)   # noqa: E731
+        tensors = dict(
+            temperatures=t(arrays["temps"]), top_ks=t(arrays["top_ks"]), top_ps=t(arrays["top_ps"]),
+            min_ps=t(arrays["min_ps"]), repetition_penalties=t(reps), presence_penalties=t(pres),
+            seeds=torch.tensor([int(s) & ((1 << 63) - 1) for s in seeds], dtype=torch.int64, device=device),
+            steps=torch.tensor([int(s) for s in steps], dtype=torch.int64, device=device))
+        history = pad_histories(token_histories, vocab_size, device, len(params)) if (reps != 1.0).any() else None
+        output_history = (pad_histories(output_histories, vocab_size, device, len(params))
+                          if (pres != 0.0).any() else None)
+        return cls.from_arrays(**arrays, want_logprobs=any(p.logprobs for p in params), tensors=tensors,
+                               history=history, output_history=output_history)
+
+
+def pad_histories(rows: list[list[int]], vocab_size: int, device, n: int | None = None) -> Tensor:
+    """[N, L] int64 token histories padded with vocab_size (an id no logit has)."""
+    n = len(rows) if n is None else n
+    width = max(1, max((len(r) for r in rows), default=0))
+    buf = np.full((n, width), vocab_size, dtype=np.int64)
+    for i, r in enumerate(rows):
+        buf[i, :len(r)] = r
+    return torch.from_numpy(buf).to(device)
 
 
 @dataclass
@@ -273,7 +282,8 @@ def _nucleus_from_candidates(scaled: Tensor, t: SamplingTensors, vocab: int):
     A full sort of [N, 49k] dominates a CPU step; LLM nuclei are almost always far smaller.
     Exact whenever every row's cut falls inside the candidates; returns (None, None) when a
     row's nucleus (or top_k) is wider, and the caller sorts everything."""
-    if bool((t.top_ks > _NUCLEUS_WIDTH).any()):
+    if t.max_top_k > _NUCLEUS_WIDTH or scaled.is_cuda:
+        # On CUDA the full sort is cheap and the check below would stall the host on the device.
         return None, None
     vals = scaled.topk(_NUCLEUS_WIDTH, dim=-1, sorted=True).values
     keep = _keep_counts(vals, t, vocab, full_lse=scaled.logsumexp(dim=-1))

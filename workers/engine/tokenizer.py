@@ -59,6 +59,9 @@ class Tokenizer:
     def __init__(self, backend, tokenizer_config: dict | None = None, generation_config: dict | None = None,
                  model_config: dict | None = None):
         self._tk = backend
+        # decode() of one token id, memoised: the incremental detokenizer decodes the previous
+        # token alone once per request per step (its prefix window). Same input, same output.
+        self._single: dict[tuple[int, bool], str] = {}
         cfg = dict(tokenizer_config or {})
         self.config = cfg
         self.bos_token = _token_content(cfg.get("bos_token"))
@@ -141,6 +144,17 @@ class Tokenizer:
         return [self.encode(t, add_special_tokens) for t in texts]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if len(ids) == 1:
+            key = (int(ids[0]), skip_special_tokens)
+            s = self._single.get(key)
+            if s is None:
+                if len(self._single) >= 1 << 20:     # bounded: the vocabulary times two flags fits
+                    self._single.clear()
+                s = self._single[key] = self._decode(ids, skip_special_tokens)
+            return s
+        return self._decode(ids, skip_special_tokens)
+
+    def _decode(self, ids, skip_special_tokens: bool) -> str:
         s = self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(s) if self.clean_up_tokenization_spaces else s
 

@@ -33,7 +33,7 @@ def available() -> bool:
 if _HAVE_TRITON:
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, lens_ptr, rows_ptr,
         scale,
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
@@ -41,11 +41,16 @@ if _HAVE_TRITON:
         stride_ob, stride_oh,
         stride_btb,
         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, HAS_ROWS: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         ctx_len = tl.load(lens_ptr + b)
+        # The sequence's row in the (persistent) block table: rows_ptr[b], or b for a per-step table.
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            row = b.to(tl.int64)
 
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
@@ -64,7 +69,7 @@ if _HAVE_TRITON:
         for start in range(0, ctx_len, BLOCK_N):
             tok = start + offs_n
             n_mask = tok < ctx_len
-            blk = tl.load(bt_ptr + b * stride_btb + tok // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            blk = tl.load(bt_ptr + row * stride_btb + tok // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             slot_in_blk = (tok % BLOCK_SIZE).to(tl.int64)
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_ptr + blk[:, None] * stride_kb + slot_in_blk[:, None] * stride_ks + kvh * stride_kh
@@ -125,9 +130,12 @@ def _next_pow2(x: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, block_n: int = 32) -> torch.Tensor:
-    """q [B, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [B, max_blocks]; context_lens [B]
-    -> [B, H, D]. Rows with context_len 0 give zeros."""
+                           out: torch.Tensor | None = None, block_n: int = 32,
+                           seq_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D]; caches [num_blocks, block_size, KVH, D]; context_lens [B] -> [B, H, D].
+    block_tables: [B, max_blocks], or with `seq_rows` [B] a persistent [rows, max_blocks] table read at
+    row seq_rows[b]. Only the columns a sequence's context needs are read. Rows with context_len 0
+    give zeros."""
     decode_kernel, _ = _kernels()
     B, H, D = q.shape
     _, block_size, KVH, Dk = k_cache.shape
@@ -148,6 +156,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     BLOCK_D = max(16, _next_pow2(D))
     decode_kernel[(B, KVH)](
         q, k_cache, v_cache, out, block_tables, context_lens,
+        seq_rows if seq_rows is not None else context_lens,
         float(scale),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -155,7 +164,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, BLOCK_H=BLOCK_H, HEAD_DIM=D, BLOCK_D=BLOCK_D,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_F32=dot_f32,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_F32=dot_f32, HAS_ROWS=seq_rows is not None,
     )
     return out
 
