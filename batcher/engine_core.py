@@ -62,6 +62,7 @@ class EngineCore:
         self.steps_total = 0
         # adapter_id -> raises UnknownAdapterError when the worker does not serve it (None: no check)
         self.adapter_check: Callable[[str], None] | None = None
+        self._inflight = None           # the launched step whose tokens step() reads next (overlapping runners)
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
@@ -124,11 +125,29 @@ class EngineCore:
         return outputs
 
     def step(self) -> list[RequestOutput]:
+        """One step in process. With a runner that overlaps (CUDA), step N+1 is scheduled, laid out
+        and launched while step N runs on the device, and N's tokens are processed while N+1 runs:
+        the host work of a step hides behind the device's (the scheduler counts N's tokens as
+        pending, as it does for the batcher's pipelined plans)."""
         assert self.runner is not None, "step() needs an in-process runner"
-        plan = self.schedule()
-        if plan.is_empty and not plan.finished_ids:
-            return []
-        return self.process(self.runner.execute(plan))
+        if not getattr(self.runner, "overlaps", False):
+            plan = self.schedule()
+            if plan.is_empty and not plan.finished_ids:
+                return []
+            return self.process(self.runner.execute(plan))
+        if self._inflight is None:
+            plan = self.schedule()
+            if plan.is_empty and not plan.finished_ids:
+                return []
+            self._inflight = self.runner.launch(plan)
+        nxt = None
+        if self.scheduler.has_unfinished():
+            plan = self.schedule()
+            if not plan.is_empty or plan.finished_ids:
+                nxt = self.runner.launch(plan)
+        result = self._inflight.result()
+        self._inflight = nxt
+        return self.process(result)
 
     def _finish_status(self, req: Request, tok: int, stop_hit: bool) -> RequestStatus | None:
         sp = req.sampling

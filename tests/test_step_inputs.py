@@ -2,7 +2,6 @@
 the blocks that changed, never on the model's context length."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -104,3 +104,33 @@ def test_a_failing_step_fails_the_stream_with_internal():
         asyncio.run(main())
     assert got == [1]
     assert ctx.code[0] == grpc.StatusCode.INTERNAL and "step 2" in ctx.code[1] and "engine bug" in ctx.code[1]
+
+
+class OverlappingRunner(FakeRunner):
+    """A runner whose launch() only enqueues (CUDA): records launches and result reads in order."""
+    overlaps = True
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[str] = []
+
+    def launch(self, plan: StepPlan):
+        self.events.append(f"launch {plan.step_id}")
+        runner = self
+
+        class Handle:
+            def result(self) -> StepResult:
+                runner.events.append(f"result {plan.step_id}")
+                return StepResult(step_id=plan.step_id, request_ids=["r"], token_ids=[plan.step_id])
+        return Handle()
+
+
+def test_an_overlapping_runner_launches_a_queued_plan_before_reading_the_previous_tokens():
+    """All plans are sent at once (a pipelining batcher): each next step is launched before the
+    previous step's tokens are read, so the device always has the next step queued."""
+    runner = OverlappingRunner()
+    out = asyncio.run(collect(servicer(runner), FakeContext(), plans(1, 2, 3)))
+    assert out == [1, 2, 3]
+    assert runner.events.index("launch 2") < runner.events.index("result 1")
+    assert runner.events.index("launch 3") < runner.events.index("result 2")
+    assert [e for e in runner.events if e.startswith("result")] == ["result 1", "result 2", "result 3"]

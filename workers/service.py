@@ -41,33 +41,48 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _execute_pb(self, pb: worker_pb2.StepPlan) -> worker_pb2.StepResult:
         # Decode, run and encode on the executor thread: the loop only moves bytes.
+        return self._finish_pb(self._launch_pb(pb))
+
+    def _launch_pb(self, pb: worker_pb2.StepPlan):
+        """Start a step (on a CUDA runner this only enqueues it: the next plan, if it is already
+        here, is launched before this one's tokens are read, so the device never waits for the host)."""
         plan = plan_from_proto(pb)
         t0 = time.perf_counter()
+        span = None
         if tracing.ENABLED and pb.traceparent:
-            result = self._execute_traced(pb, plan)
-        else:
-            result = self.runner.execute(plan)
+            span = self._start_span(pb, plan)
+        launch = getattr(self.runner, "launch", None)
+        handle = launch(plan) if launch is not None else self.runner.execute(plan)
+        return plan, t0, span, handle
+
+    def _finish_pb(self, launched) -> worker_pb2.StepResult:
+        plan, t0, span, handle = launched
+        try:
+            result = handle.result() if hasattr(handle, "result") else handle
+        finally:
+            if span is not None:
+                span.end()
         if self.metrics is not None:
             self.metrics.step(time.perf_counter() - t0, len(plan.new_requests) + len(plan.running), plan.num_tokens)
         return result_to_proto(result)
 
-    def _execute_traced(self, pb: worker_pb2.StepPlan, plan: StepPlan):
-        """One `worker.step` span per engine step: a child of one request in it, linked to all."""
+    def _start_span(self, pb: worker_pb2.StepPlan, plan: StepPlan):
+        """One `worker.step` span per engine step (launch to tokens read): a child of one request
+        in it, linked to all."""
         from opentelemetry.trace import Link, SpanKind
         links = [Link(sc) for sc in map(propagation.parse_traceparent, pb.links) if sc is not None]
         attrs = {"switchyard.step_id": plan.step_id,
                  "switchyard.batch_size": len(plan.new_requests) + len(plan.running),
                  "switchyard.num_new_requests": len(plan.new_requests), "switchyard.num_tokens": plan.num_tokens}
-        with tracing.tracer.start_as_current_span(tracing.WORKER_STEP, kind=SpanKind.INTERNAL, attributes=attrs,
-                                                  context=propagation.context_from_traceparent(pb.traceparent),
-                                                  links=links):
-            return self.runner.execute(plan)
+        return tracing.tracer.start_span(tracing.WORKER_STEP, kind=SpanKind.INTERNAL, attributes=attrs,
+                                         context=propagation.context_from_traceparent(pb.traceparent),
+                                         links=links)
 
     def _reset(self) -> None:
         """A new Step stream means a new batcher session: forget the previous one's requests."""
-        seqs = getattr(self.runner, "seqs", None)
-        if isinstance(seqs, dict):
-            seqs.clear()
+        reset = getattr(self.runner, "reset", None)
+        if reset is not None:
+            reset()
 
     def warmup(self) -> None:
         """One tiny prefill + forget, so the first real request does not pay first-call costs.
@@ -91,15 +106,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._reset)
             steps: asyncio.Queue = asyncio.Queue()   # (plan, its step's future) in plan order; None: no more
+            overlap = bool(getattr(self.runner, "overlaps", False))
 
             async def read_plans() -> None:
                 # Each plan goes to the step thread the moment it arrives. A pipelining batcher sends
                 # step N+1 before N ends, so the thread starts it as soon as N is done instead of
                 # waiting for this loop to write N's result and read the next plan (measured: the
                 # worker idled 1.7 ms between decode steps that way).
+                # On a CUDA runner a step is launched and finished in two executor jobs: a plan that
+                # arrives while step N runs is launched (queued on the device) before N's tokens are
+                # read. On the CPU a launch is the whole computation, so one job per step.
+                stage = self._launch_pb if overlap else self._execute_pb
                 try:
                     async for pb in request_iterator:
-                        steps.put_nowait((pb, loop.run_in_executor(self._executor, self._execute_pb, pb)))
+                        steps.put_nowait((pb, loop.run_in_executor(self._executor, stage, pb)))
                 except grpc.aio.AioRpcError as e:   # the batcher went away mid-read: end the stream
                     log.debug("Step stream read ended: %s", e.code())
                 finally:
@@ -111,6 +131,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     pb, fut = item
                     try:
                         res = await fut
+                        if overlap:
+                            res = await loop.run_in_executor(self._executor, self._finish_pb, res)
                     except Exception as e:  # a bad plan or an engine bug: fail the stream loudly
                         log.exception("step %s failed", pb.step_id)
                         await context.abort(grpc.StatusCode.INTERNAL, f"worker step {pb.step_id} failed: {e}")

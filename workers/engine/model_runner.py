@@ -58,6 +58,8 @@ class ModelRunner:
         self.inputs = StepInputs(config.max_num_seqs, self.max_blocks_per_seq, self.block_size, self.device,
                                  mc.vocab_size)
         self.last_step_input_bytes = 0
+        self._last: InFlightStep | None = None     # the latest launched step that samples
+        self.overlap_steps = self.device.type == "cuda"
         self.lora = None                # AdapterManager, when adapters can be served (max_loras > 0)
         if config.max_loras > 0:
             from workers.engine.lora import AdapterManager
@@ -105,8 +107,29 @@ class ModelRunner:
         return n
 
     # ---- the step --------------------------------------------------------------------------
-    @torch.inference_mode()
+    @property
+    def overlaps(self) -> bool:
+        """Whether callers should prepare and launch step N+1 before reading step N's tokens: on
+        CUDA, where launch() only enqueues work. On the CPU launch() computes everything, so
+        launching ahead would only delay N's tokens (tests turn it on there to check the logic)."""
+        return self.overlap_steps
+
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.launch(plan).result()
+
+    def reset(self) -> None:
+        """Forget every request (a new batcher session)."""
+        if self._last is not None:
+            self._last.result()
+        for st in self.seqs.values():
+            self.inputs.release(st.row)
+        self.seqs.clear()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> "InFlightStep":
+        """Start a step: forget, seat, lay out the inputs, run the forward and the sampler. On CUDA
+        this only enqueues work: the sampled ids are read by InFlightStep.result(). A decode whose
+        input is the token the previous launched step is still sampling reads it on the device."""
         t0 = time.perf_counter()
         for rid in plan.finished_ids:
             st = self.seqs.pop(rid, None)
@@ -127,14 +150,17 @@ class ModelRunner:
                 self.inputs.table.append(st.row, rr.new_block_ids)
             work.append((rr.request_id, st, rr.num_new_tokens))
         if not work:
-            return StepResult(step_id=plan.step_id, execute_ms=1000 * (time.perf_counter() - t0))
+            return InFlightStep(self, plan.step_id, t0, [], None, None)
+        last = self._last
+        if last is not None and not last.resolved and any(st.needs_history for _, st, _ in work):
+            last.result()           # penalties read the token history on the host: it must be complete
 
         # Prefill segments first, then single-token (decode) segments: the attention layout.
         # Within each, rows of one LoRA slot lie together (one segment per adapter).
         lora = any(w[1].slot for w in work)
         if lora or any(w[2] != 1 for w in work):
             work.sort(key=lambda w: (w[2] == 1, w[1].slot))
-        step = self.inputs.prepare(work)
+        step = self.inputs.prepare(work, prev_tokens=last.tokens if last is not None else None)
         self.last_step_input_bytes = self.inputs.last_bytes
         lora_batch = None
         if lora:
@@ -149,23 +175,17 @@ class ModelRunner:
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches)
         else:
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, lora=lora_batch)
-        return self._sample(plan.step_id, hidden, step, t0)
-
-    def _sample(self, step_id: int, hidden: torch.Tensor, step: PreparedStep, t0: float) -> StepResult:
-        result = StepResult(step_id=step_id)
+        tokens = logprobs = None
         if step.sample_seqs:
             logits = self.model.compute_logits(hidden.index_select(0, step.sample_idx))
             out = self.sampler(logits, step.sampling)
-            # The step's one device -> host read: the sampled ids (and their logprobs when asked).
-            toks = out.token_ids.tolist()
-            for (_, st), tok in zip(step.sample_seqs, toks):
-                st.token_ids.append(tok)
-            result.request_ids = [rid for rid, _ in step.sample_seqs]
-            result.token_ids = toks
-            if out.logprobs is not None:
-                result.logprobs = out.logprobs.tolist()
-        result.execute_ms = 1000 * (time.perf_counter() - t0)
-        return result
+            tokens, logprobs = out.token_ids, out.logprobs
+            for i, (_, st) in enumerate(step.sample_seqs):
+                st.pending += 1
+                st.pending_src = i          # where the next step finds this token on the device
+        inflight = InFlightStep(self, plan.step_id, t0, step.sample_seqs, tokens, logprobs)
+        self._last = inflight if tokens is not None else None
+        return inflight
 
     # ---- LoRA --------------------------------------------------------------------------------
     def _pinned_slots(self) -> set[int]:
@@ -190,6 +210,59 @@ class ModelRunner:
 
     def adapter_names(self) -> list[str]:
         return self.lora.names() if self.lora is not None else []
+
+
+class InFlightStep:
+    """A launched step. result() reads its sampled ids - the step's one device -> host read,
+    through a pinned buffer and an event, so it waits for this step only and not for a step
+    launched after it - and appends them to each request's tokens. Idempotent."""
+
+    def __init__(self, runner: ModelRunner, step_id: int, t0: float, sample_seqs: list[tuple[str, SeqSlot]],
+                 tokens: torch.Tensor | None, logprobs: torch.Tensor | None):
+        self.runner = runner
+        self.step_id = step_id
+        self.t0 = t0
+        self.sample_seqs = sample_seqs
+        self.tokens = tokens                   # [S] int64 on the device
+        self._logprobs = logprobs
+        self._result: StepResult | None = None
+        self._event = None
+        if tokens is not None and tokens.is_cuda:
+            self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host_tokens.copy_(tokens, non_blocking=True)
+            self._host_logprobs = None
+            if logprobs is not None:
+                self._host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                self._host_logprobs.copy_(logprobs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host_tokens, self._host_logprobs = tokens, logprobs
+
+    @property
+    def resolved(self) -> bool:
+        return self._result is not None
+
+    def result(self) -> StepResult:
+        if self._result is not None:
+            return self._result
+        result = StepResult(step_id=self.step_id)
+        if self.tokens is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            toks = self._host_tokens.tolist()
+            for (_, st), tok in zip(self.sample_seqs, toks):
+                st.token_ids.append(tok)
+                st.pending -= 1
+            result.request_ids = [rid for rid, _ in self.sample_seqs]
+            result.token_ids = toks
+            if self._host_logprobs is not None:
+                result.logprobs = self._host_logprobs.tolist()
+        result.execute_ms = 1000 * (time.perf_counter() - self.t0)
+        self._result = result
+        if self.runner._last is self:
+            self.runner._last = None
+        return result
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

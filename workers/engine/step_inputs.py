@@ -110,6 +110,13 @@ class SeqSlot:
     seed: int
     adapter_id: str | None = None
     slot: int = 0                       # LoRA slot (0: the bare base model)
+    pending: int = 0                    # tokens a launched step is sampling (not in token_ids yet)
+    pending_src: int = 0                # that token's index in the launching step's sampled ids
+
+    @property
+    def needs_history(self) -> bool:
+        """Penalties read the token history on the host."""
+        return self.sampling.repetition_penalty != 1.0 or self.sampling.presence_penalty != 0.0
 
 
 @dataclass
@@ -169,29 +176,42 @@ class StepInputs:
         self.table.remove(row)
 
     # ---- the step ---------------------------------------------------------------------------
-    def prepare(self, work: list[tuple[str, SeqSlot, int]], want_sampling: bool = True) -> PreparedStep:
+    def prepare(self, work: list[tuple[str, SeqSlot, int]], want_sampling: bool = True,
+                prev_tokens: torch.Tensor | None = None) -> PreparedStep:
         """work: (request id, seq, tokens to compute) with prefill segments (n > 1) first, then
-        decodes (n == 1). Advances each seq's num_computed."""
+        decodes (n == 1). Advances each seq's num_computed.
+
+        A token still being sampled by the previous launched step (seq.pending) is not on the host
+        yet: its input slot is filled on the device from `prev_tokens[seq.pending_src]`."""
         bs = self.block_size
         B = len(work)
         rows_l, starts_l, lens_l, ids = [], [], [], []
         sample_seg: list[int] = []
         sample_seqs: list[tuple[str, SeqSlot]] = []
         steps_l: list[int] = []
+        late_dst: list[int] = []                 # input slots whose token is still on the device
+        late_src: list[int] = []
         num_prefill = 0
         for k, (rid, st, n) in enumerate(work):
             c = st.num_computed
             rows_l.append(st.row)
             starts_l.append(c)
             lens_l.append(n)
-            if n == 1:
+            known = len(st.token_ids)
+            if c + n > known:                    # the last input is the previous step's sample
+                ids.extend(st.token_ids[c:known])
+                late_dst.append(len(ids))
+                late_src.append(st.pending_src)
+                ids.append(0)
+            elif n == 1:
                 ids.append(st.token_ids[c])
             else:
                 ids.extend(st.token_ids[c:c + n])
+            if n != 1:
                 num_prefill += 1
             c += n
             st.num_computed = c
-            if c == len(st.token_ids):
+            if c == known + st.pending:
                 sample_seg.append(k)
                 sample_seqs.append((rid, st))
                 steps_l.append(c - st.num_prompt_tokens)
@@ -223,6 +243,10 @@ class StepInputs:
             floats = [sp["temp"], sp["top_p"], sp["min_p"], sp["rep"], sp["pres"]]
         if upd_idx is not None and upd_idx.size:
             ints += [upd_idx, upd_val]
+        if late_dst:
+            if prev_tokens is None:
+                raise RuntimeError("a step needs a token no launched step is sampling")
+            ints += [np.array(late_dst, dtype=_I64), np.array(late_src, dtype=_I64)]
         dev = self._to_device(ints, floats)
         it = iter(dev)
         ids_t, pos_t, slots_t, ctx_t, rows_t, qsl_t, sidx_t = (next(it) for _ in range(7))
@@ -231,6 +255,9 @@ class StepInputs:
         if upd_idx is not None and upd_idx.size:          # patch the device table before anything reads it
             idx_t, val_t = next(it), next(it)
             self.table.device_table.view(-1).index_copy_(0, idx_t, val_t.to(torch.int32))
+        if late_dst:
+            dst_t, src_t = next(it), next(it)
+            ids_t.index_copy_(0, dst_t, prev_tokens.index_select(0, src_t))
         samp = None
         if sp is not None:                                # the floats come last in the packed buffer
             temp_t, topp_t, minp_t, rep_t, pres_t = (next(it) for _ in range(5))
