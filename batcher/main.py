@@ -11,14 +11,13 @@ from services.config import load_config
 
 def gpu_price(cfg, worker_id: str) -> float:
     """USD per GPU-hour of this worker: the per-worker override, else the config default."""
-    return float((cfg.gpu_usd_per_hour_by_worker or {}).get(worker_id, cfg.gpu_usd_per_hour))
+    return cfg.gpu_price(worker_id)
 
 
 async def serve(args) -> None:
     import nats
 
     from batcher.service import BatcherService
-
     from telemetry import metrics, tracing
 
     cfg = load_config(args.config)

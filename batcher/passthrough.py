@@ -25,8 +25,7 @@ from protos.switchyard.v1 import bus_pb2
 from services import subjects
 from services.bus_codec import FINISH_TO_PB, kv_events_to_proto
 from services.config import StackConfig
-from workers.backends.base import (EXHAUSTED, INVALID, NOT_FOUND, UNAVAILABLE, Backend, BackendError,
-                                   BackendRequest)
+from workers.backends.base import EXHAUSTED, INVALID, NOT_FOUND, UNAVAILABLE, Backend, BackendError, BackendRequest
 from workers.engine.errors import InvalidRequestError
 from workers.step_codec import sampling_from_proto
 

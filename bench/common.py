@@ -59,10 +59,14 @@ def local_stack(cfg):
     """Start a real stack (nats, kv_manager, router, workers) for the duration of the block."""
     from services.launcher import Stack
     stack = Stack(cfg).start()
+    ok = False
     try:
         yield stack
+        ok = True
     finally:
         stack.stop(drain=False)
+        if ok:   # keep the logs of a run that failed
+            stack.remove_workdir()
 
 
 def hf_config(c) -> dict:
@@ -80,7 +84,7 @@ def load_hf_model(loaded, device):
     dtype = next(loaded.model.parameters()).dtype
     if loaded.path:
         return AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype).to(device).eval()
-    from transformers import LlamaConfig, LlamaForCausalLM   # random weights: same tensors, HF module
+    from transformers import LlamaConfig, LlamaForCausalLM  # random weights: same tensors, HF module
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(loaded.config))).to(device, dtype).eval()
     hf.load_state_dict(loaded.model.hf_state_dict(), strict=False)
     return hf

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
               "grpc_floor": {k: floor[k] for k in ("ttft_p50_ms", "ttft_p99_ms")}}
     print(f"{'':10} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>10} {'ITL p99':>10}   (ms, {args.streams} streams)")
     for name, s in (("engine", engine), ("stack", stack)):
-        print(f"{name:10} {s['ttft_p50_ms']:>10.2f} {s['ttft_p99_ms']:>10.2f} {s['itl_p50_ms']:>10.2f} {s['itl_p99_ms']:>10.2f}")
+        print(f"{name:10} {s['ttft_p50_ms']:>10.2f} {s['ttft_p99_ms']:>10.2f} {s['itl_p50_ms']:>10.2f} "
+              f"{s['itl_p99_ms']:>10.2f}")
     print(f"{'added':10} {added['ttft_p50_added_ms']:>10.2f} {added['ttft_p99_added_ms']:>10.2f} "
           f"{added['itl_p50_added_ms']:>10.2f} {added['itl_p99_added_ms']:>10.2f}")
     if "platform_ttft_p50_ms" in stack:

@@ -1,4 +1,5 @@
-"""PEFT-layout LoRA adapters with seeded random weights, written by `peft` itself, and HF+peft reference outputs (shared by tests/test_lora.py and `switchyard bench lora`)."""
+"""PEFT-layout LoRA adapters with seeded random weights, written by `peft` itself, and HF+peft
+reference outputs (shared by tests/test_lora.py and `switchyard bench lora`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.metrics import percentile as pct   # None for no data: the JSON keeps null
+from bench.metrics import percentile as pct  # None for no data: the JSON keeps null
 
 CATALOG = """
 [stack]

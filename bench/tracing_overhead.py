@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[m]
         r1 = s.get("throughput_ratio_vs_off", 1.0)
         r2 = s.get("ttft_p99_ratio_vs_off", 1.0)
-        print(f"{m:6} {s['tokens_per_s']:>8.1f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p99_ms']:>9.1f} {r1:>13.3f} {r2:>11.3f}")
+        print(f"{m:6} {s['tokens_per_s']:>8.1f} {s['ttft_p50_ms']:>9.1f} {s['ttft_p99_ms']:>9.1f} "
+              f"{r1:>13.3f} {r2:>11.3f}")
     print("stack CPU seconds per 1K tokens (all its processes): " + ", ".join(
         f"{m} {summary[m]['stack_cpu_s_per_1k_tokens']:.2f}" for m in MODES)
         + " -> vs off: " + ", ".join(f"{m} {summary[m]['cpu_ratio_vs_off']:.3f}" for m in ("file", "otlp")))

@@ -16,7 +16,6 @@ async def serve(args) -> None:
 
     from kv_manager.service import KvIndexService
     from protos.switchyard.v1 import kv_index_pb2_grpc
-
     from telemetry import metrics, tracing
 
     cfg = load_config(args.config)

@@ -26,8 +26,8 @@ def generate(out_dir: Path | None = None) -> list[Path]:
 
     Returns the generated file paths. Raises RuntimeError when protoc fails.
     """
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     out = Path(out_dir) if out_dir is not None else REPO_ROOT
     out.mkdir(parents=True, exist_ok=True)

@@ -153,8 +153,8 @@ class AdapterControl:
             return request
         base = entry.base
         if base not in self.router.known_models():   # a catalogue name: the served name of a worker of it
-            base = next((w.model for w in self.router.table.workers.values() if w.routable and entry.serves_on(w.model)),
-                        base)
+            base = next((w.model for w in self.router.table.workers.values()
+                         if w.routable and entry.serves_on(w.model)), base)
         req = inference_pb2.GenerateRequest()
         req.CopyFrom(request)
         req.model, req.adapter_id = base, entry.name
@@ -208,7 +208,8 @@ class AdapterControl:
         if old is not None and old.path != request.path:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"adapter {name!r} is already loaded from {old.path}; unload it first", "name")
-        entry = AdapterEntry(name, base, request.path, list(request.capabilities) or list(old.capabilities if old else []),
+        entry = AdapterEntry(name, base, request.path,
+                             list(request.capabilities) or list(old.capabilities if old else []),
                              origin=old.origin if old is not None else "admin")
         workers = sorted(w.worker_id for w in self.router.table.workers.values()
                          if w.routable and entry.serves_on(w.model))

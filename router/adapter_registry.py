@@ -45,10 +45,3 @@ class AdapterRegistry:
 
     def all(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.name)
-
-    def for_model(self, model: str) -> list[AdapterEntry]:
-        """Adapters whose base is `model` (a served or catalogue name)."""
-        return [e for e in self.all() if e.serves_on(model)]
-
-    def with_capabilities(self, caps: list[str]) -> list[AdapterEntry]:
-        return [e for e in self.all() if set(caps) <= set(e.capabilities)]

@@ -33,6 +33,7 @@ def check_admin(context, cfg) -> None:
     if _member(token, cfg.admin_tokens):
         return
     if _member(token, cfg.tokens):
-        raise RequestError(grpc.StatusCode.PERMISSION_DENIED, "this token may not call the admin API; use an admin token")
+        raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                           "this token may not call the admin API; use an admin token")
     raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown token" + (
         "" if cfg.admin_tokens else " (no admin_tokens are configured: the admin API is disabled)"))

@@ -37,7 +37,6 @@ from telemetry import tracing
 log = logging.getLogger("switchyard.router.pool")
 
 POLL_S = 0.25
-MAX_REROUTES = 3
 
 
 def choose_bounded(cands: list[routing.Candidate], prompt_blocks: int, overlap_weight: float, load_weight: float,
@@ -174,13 +173,15 @@ class PoolRouting:
         if served and (not version or name in served):
             return name if version else served[0]
         remaining = context.time_remaining() if context is not None else None
-        wait = self.router.cfg.pool_load_wait_s if remaining is None else min(remaining, self.router.cfg.pool_load_wait_s)
+        max_wait = self.router.cfg.pool_load_wait_s
+        wait = max_wait if remaining is None else min(remaining, max_wait)
         deadline = time.monotonic() + wait
         next_load = 0.0
         with tracing.span("router.pool_load_wait") if tracing.ENABLED else _null():
             while True:
                 now = time.monotonic()
-                if now >= next_load and self.pool is not None:   # idempotent; repeated in case a load failed or raced an eviction
+                # Idempotent; repeated in case a load failed or raced an eviction.
+                if now >= next_load and self.pool is not None:
                     next_load = now + 2.0
                     try:
                         await self.pool.LoadModel(inference_pb2.LoadModelRequest(name=base, version=version,
@@ -264,7 +265,8 @@ class PoolRouting:
         try:
             return await self.pool.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"the model pool is not answering ({e.code().name})") from None
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"the model pool is not answering ({e.code().name})") from None
 
 
 class _null:

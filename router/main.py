@@ -16,7 +16,6 @@ async def serve(args) -> None:
 
     from protos.switchyard.v1 import inference_pb2_grpc
     from router.service import Router
-
     from telemetry import metrics, tracing
 
     cfg = load_config(args.config, model=args.model)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 import grpc
 
 from kv_manager.block_hash import block_hashes
-from protos.switchyard.v1 import (bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2,
-                                  kv_index_pb2_grpc)
+from protos.switchyard.v1 import bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
 from router import routing
 from router.adapter_control import AdapterControl
 from router.adapter_registry import AdapterRegistry
 from router.recent_prefixes import RecentPrefixes, merge_matches
 from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
 from services import subjects
+from services.bus_codec import FINISH_FROM_PB
 from services.config import StackConfig
 from telemetry import propagation, tracing
 from telemetry.metrics import RouterMetrics
@@ -38,8 +37,8 @@ _ERROR_CODES = {
     bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
     bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
 }
-_FINISH_NAMES = {1: "stop", 2: "length", 3: "abort"}   # common.proto FinishReason
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
+MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
 
 
 class _WorkerGone:
@@ -156,7 +155,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
     async def _pick_worker(self, model: str, token_ids: list[int], adapter_id: str | None = None) -> str:
         views = self.table.routable(model)
         if not views:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no healthy worker serves model {model!r} right now; retry")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"no healthy worker serves model {model!r} right now; retry")
         if adapter_id:   # only workers serving the adapter; KV hashes are per adapter
             views = [w for w in views if adapter_id in w.heartbeat.adapters]
             if not views:
@@ -273,7 +273,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                     error_code = "UNAVAILABLE"
                     await context.abort(grpc.StatusCode.UNAVAILABLE, item.message)
                 chunk = bus_pb2.TokenChunk.FromString(item)
-                if (chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and first and reroutes < 3
+                if (chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and first and reroutes < MAX_REROUTES
                         and self.pool_routing is not None):
                     # Refused before any token (its replica is being unloaded / swapped): go elsewhere.
                     new_worker = await self.pool_routing.reroute(v.model, token_ids, worker_id, context,
@@ -308,7 +308,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                     finished = True
                     resp.finish_reason = chunk.finish_reason
                     resp.usage.CopyFrom(chunk.usage)
-                    reason = _FINISH_NAMES.get(chunk.finish_reason, "unknown")
+                    reason = FINISH_FROM_PB.get(chunk.finish_reason) or "unknown"
                     timer.finish(reason, chunk.usage.completion_tokens)
                     if gen_span is not None:
                         u = chunk.usage
@@ -371,10 +371,13 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         resp = inference_pb2.ListModelsResponse()
         for name in self.known_models():
             ws = by_model.get(name, [])
+            # USD per GPU-hour of one worker of it (the configured price; the mean when they differ)
+            prices = [self.cfg.gpu_price(w.worker_id) for w in ws] or [self.cfg.gpu_usd_per_hour]
             resp.models.add(name=name, num_workers=len(ws),
                             max_model_len=min((w.heartbeat.max_model_len for w in ws), default=0),
                             state="ready" if ws else "unloaded", replicas=len(ws), desired_replicas=len(ws),
-                            queue_depth=sum(w.reported_load for w in ws), workers=sorted(w.worker_id for w in ws))
+                            queue_depth=sum(w.reported_load for w in ws), workers=sorted(w.worker_id for w in ws),
+                            gpu_usd_per_hour=sum(prices) / len(prices))
         return resp
 
     async def ListAdapters(self, request: inference_pb2.ListAdaptersRequest,
@@ -450,7 +453,3 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:
         if k == key:
             return val if isinstance(val, str) else val.decode()
     return ""
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

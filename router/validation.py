@@ -54,7 +54,8 @@ def resolve_model(model: str, intent: str, known_models: list[str], default_mode
         model = default_model
     if model not in known_models:
         raise RequestError(grpc.StatusCode.NOT_FOUND,
-                           f"model {model!r} is not served here; known models: {', '.join(sorted(known_models)) or 'none'}",
+                           f"model {model!r} is not served here; known models: "
+                           f"{', '.join(sorted(known_models)) or 'none'}",
                            "model")
     return model
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import tomllib
 
 SOURCES_ENV = "SWITCHYARD_MODEL_SOURCES_FILE"   # served name -> source map for tokenizer lookups
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")

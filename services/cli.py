@@ -20,17 +20,23 @@ def _channel(target: str):
     return grpc.insecure_channel(target, options=options())
 
 
+def up_config(args):
+    """`switchyard up`'s StackConfig: flags win over --config keys, which win over the defaults."""
+    return load_config(args.config, triton_port=args.triton_port,
+                       workers=args.workers, router_port=args.port, nats_port=args.nats_port,
+                       kv_manager_port=args.kv_index_port, worker_base_port=args.worker_base_port,
+                       pool_control_port=args.pool_control_port, model=args.model,
+                       trace_file=os.path.abspath(args.trace_file) if args.trace_file else None,
+                       otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
+                       gpu_usd_per_hour=args.gpu_usd_per_hour,
+                       pool_config=os.path.abspath(args.pool) if args.pool else None)
+
+
 def cmd_up(args) -> int:
     from services.launcher import run_up
     from services.ports import PortInUseError
     try:
-        cfg = load_config(args.config, triton_port=args.triton_port,
-                          workers=args.workers, router_port=args.port, model=args.model,
-                          trace_file=os.path.abspath(args.trace_file) if args.trace_file else None,
-                          otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
-                          gpu_usd_per_hour=args.gpu_usd_per_hour,
-                          pool_config=os.path.abspath(args.pool) if args.pool else None)
-        return run_up(cfg, args.workdir, demo=args.demo)
+        return run_up(up_config(args), args.workdir, demo=args.demo)
     except (PortInUseError, ValueError, FileNotFoundError) as e:
         print(f"switchyard up: {e}", file=sys.stderr)
         return 2
@@ -44,18 +50,19 @@ def cmd_generate(args) -> int:
 
 
 def status_dict(router: str, timeout: float = 5.0) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
     from protos.switchyard.v1 import inference_pb2_grpc, kv_index_pb2
+    from services.rpc import message_dict
     with _channel(router) as ch:
         st = inference_pb2_grpc.AdminStub(ch).Status(kv_index_pb2.StatusRequest(), timeout=timeout)
-    d = MessageToDict(st, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    # Metrics endpoints come from the launcher's state file (the router does not know them).
+    d = message_dict(st)
+    # Metrics endpoints and the log folder come from the launcher's state file (the router does not
+    # know them); state_pointer finds it for any spelling of the router's address.
     from services.launcher import state_pointer
     try:
         state = json.loads(state_pointer(router).read_text())
         d["metrics"] = state.get("metrics", {})
         d["trace_file"] = state.get("trace_file", "")
+        d["logs"] = state.get("logs", "")
     except (OSError, ValueError):
         pass
     try:   # per model: state, version, replicas, desired, queue depth (the model pool's view)
@@ -110,6 +117,8 @@ def cmd_bench(args, rest: list[str]) -> int:
         from bench.compare import main as bench_main
     elif args.what == "lora":
         from bench.lora_bench import main as bench_main
+    elif args.what == "step":
+        from bench.step_bench import main as bench_main
     else:
         from bench.engine_bench import main as bench_main  # written beside the engine; imported lazily
     return bench_main(rest) or 0
@@ -122,9 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start nats, kv_manager, router and workers; Ctrl-C drains and stops")
     up.add_argument("--config", help="TOML or JSON file (keys: services/config.py StackConfig)")
     up.add_argument("--port", type=int, default=None, help=f"router port (default {DEFAULT_ROUTER_PORT}; 0 = any free)")
+    up.add_argument("--nats-port", type=int, default=None, metavar="P",
+                    help="NATS port (default: a free one; config nats_port)")
+    up.add_argument("--kv-index-port", type=int, default=None, metavar="P",
+                    help="KV index service port (default: a free one; config kv_manager_port)")
+    up.add_argument("--worker-base-port", type=int, default=None, metavar="P",
+                    help="worker i listens on P + i (default: free ones; config worker_base_port)")
+    up.add_argument("--pool-control-port", type=int, default=None, metavar="P",
+                    help="with --pool: the launcher's internal pool service (default: a free one)")
     up.add_argument("--workers", type=int, default=None, help="batcher+worker pairs (default 1)")
     up.add_argument("--model", default=None, help="model name (default smollm2-135m)")
-    up.add_argument("--workdir", default=None, help="logs, nats store and stack.json (default: a temp dir)")
+    up.add_argument("--workdir", default=None, help="logs, nats store and stack.json (default: a temp dir, "
+                                                    "removed after a clean stop)")
     up.add_argument("--triton-port", type=int, default=None, metavar="P",
                     help="also serve the Triton/KServe v2 gRPC protocol on port P (0 = any free), for tritonclient")
     up.add_argument("--demo", metavar="PROMPT", default=None,
@@ -167,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks: overhead (platform vs bare engine), engine, tracing, "
-                                     "serve (load test: latency percentiles, goodput, cost), compare")
-    b.add_argument("what", choices=["overhead", "engine", "tracing", "serve", "compare", "triton", "pool", "lora"])
+                                     "serve (load test: latency percentiles, goodput, cost), compare, "
+                                     "step (host ms per engine step, forward a no-op)")
+    b.add_argument("what", choices=["overhead", "engine", "tracing", "serve", "compare", "triton", "pool", "lora",
+                                    "step"])
     return ap
 
 

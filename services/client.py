@@ -18,7 +18,8 @@ def stream_generate(router: str, prompt: str, *, model: str | None = None, max_t
         sampling.seed = seed
     # No model: let the router choose (the default model; with a model pool, by intent - "auto" names
     # no capability, so the pool's intent rules read the prompt).
-    req = inference_pb2.GenerateRequest(model=model or "", sampling=sampling, intent="" if model else (intent or "auto"))
+    req = inference_pb2.GenerateRequest(model=model or "", sampling=sampling,
+                                        intent="" if model else (intent or "auto"))
     if chat:
         req.messages.add(role="user", content=prompt)
     else:
@@ -40,10 +41,18 @@ def stream_generate(router: str, prompt: str, *, model: str | None = None, max_t
         except grpc.RpcError as e:
             print(f"\nswitchyard generate: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-    print(file=out)
+    # End the text's line and flush it before the usage line goes to stderr: with both streams on one
+    # terminal or pipe, an unflushed newline would let the usage line land glued to the text.
+    out.write("\n")
+    out.flush()
     if last is not None and last.HasField("usage") and verbose:
-        u = last.usage
-        print(f"[{common_pb2.FinishReason.Name(last.finish_reason)} prompt={u.prompt_tokens} "
-              f"completion={u.completion_tokens} cached={u.cached_tokens} queue={u.queue_ms:.1f}ms "
-              f"prefill={u.prefill_ms:.1f}ms decode={u.decode_ms:.1f}ms worker={u.worker_id}]", file=sys.stderr)
+        print(usage_line(last), file=sys.stderr, flush=True)
     return 0
+
+
+def usage_line(last: inference_pb2.GenerateResponse) -> str:
+    """`switchyard generate -v`'s summary of the last chunk: finish reason, token counts, timings, cost."""
+    u = last.usage
+    return (f"[{common_pb2.FinishReason.Name(last.finish_reason)} prompt={u.prompt_tokens} "
+            f"completion={u.completion_tokens} cached={u.cached_tokens} queue={u.queue_ms:.1f}ms "
+            f"prefill={u.prefill_ms:.1f}ms decode={u.decode_ms:.1f}ms cost=${u.cost_usd:.6f} worker={u.worker_id}]")

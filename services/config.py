@@ -1,6 +1,9 @@
 """Stack configuration: one flat dataclass, loaded from TOML or JSON (`switchyard up --config`).
 
-Port 0 means "pick a free one" (tests and `switchyard up` with several stacks on one box).
+Port 0 means "pick a free one". Only the router has a fixed default port (50051, where clients look
+for it); NATS, the KV index and the workers default to free ports, so two stacks run side by side on
+one machine. `switchyard up` has a flag for each (--port, --nats-port, --kv-index-port,
+--worker-base-port, --pool-control-port, --triton-port); stack.json records the ports picked.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ NATS_MAX_PAYLOAD = 8 * 1024 * 1024    # a prompt of 128k token ids is ~0.5 MB as
 class StackConfig:
     host: str = "127.0.0.1"
     router_port: int = DEFAULT_ROUTER_PORT
-    nats_port: int = 4222
-    kv_manager_port: int = 50052
-    worker_base_port: int = 50060        # worker i listens on worker_base_port + i (0: free ports)
+    nats_port: int = 0                   # 0: a free port (`--nats-port`)
+    kv_manager_port: int = 0             # the KV index service; 0: a free port (`--kv-index-port`)
+    worker_base_port: int = 0            # worker i: worker_base_port + i; 0: free ports (`--worker-base-port`)
     workers: int = 1
     model: str = DEFAULT_MODEL
     # engine / batching (per worker)
@@ -79,6 +82,10 @@ class StackConfig:
         self.routing_policy = normalize_policy(self.routing_policy)
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy {self.routing_policy!r}: choose one of {', '.join(POLICIES)}")
+
+    def gpu_price(self, worker_id: str) -> float:
+        """USD per GPU-hour of a worker: its gpu_usd_per_hour_by_worker entry, else gpu_usd_per_hour."""
+        return float((self.gpu_usd_per_hour_by_worker or {}).get(worker_id, self.gpu_usd_per_hour))
 
     @property
     def nats_url(self) -> str:

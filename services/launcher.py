@@ -4,11 +4,18 @@ Start order: nats -> kv_manager -> workers -> batchers -> router; ready when the
 every worker healthy. Stop order (SIGTERM / Ctrl-C) is the drain: router first (NOT_SERVING,
 open streams finish within the grace period), then batchers, workers, kv_manager, nats last.
 Every child lives in its own process group and dies with the launcher (services/proc.py).
+
+Work directory: logs/ (one <child>.log each), the nats store and stack.json. Without `--workdir` it
+is a fresh temp folder, removed after a clean stop and kept (and named) when the stack failed.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,10 +34,15 @@ class StackError(RuntimeError):
 
 class Stack:
     def __init__(self, cfg: StackConfig, workdir: str | Path | None = None):
+        self.owns_workdir = not workdir   # a temp folder of our own: removed after a clean stop
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="switchyard-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_dir = self.workdir / "logs"
-        self.cfg = self._resolve_ports(cfg)
+        try:
+            self.cfg = self._resolve_ports(cfg)
+        except BaseException:   # a port taken: nothing was started, nothing to keep
+            self.remove_workdir()
+            raise
         self.config_path = write_config(self.cfg, self.workdir / "stack-config.json")
         self.nats: proc.Child | None = None
         self.kv_manager: proc.Child | None = None
@@ -203,17 +215,52 @@ class Stack:
     def dead_children(self) -> list[proc.Child]:
         return [c for c in self.children if not c.alive()]
 
+    def remove_workdir(self) -> bool:
+        """After a clean stop: delete the temp work directory this stack made (never a `--workdir`)."""
+        if not self.owns_workdir:
+            return False
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return True
+
+
+_LOCAL_HOSTS = {"", "localhost", "ip6-localhost", "ip6-loopback"}
+_TARGET_SCHEME = re.compile(r"^(dns:(//[^/]*/)?|ipv4:|ipv6:)")
+
+
+def state_key(router_address: str) -> str:
+    """The router address as a file name, the same for every spelling of this machine: localhost,
+    127.0.0.1, [::1], 0.0.0.0, [::] and its host name all become `local_<port>`."""
+    addr = _TARGET_SCHEME.sub("", router_address.strip())
+    if addr.startswith("["):                      # [v6]:port
+        host, _, port = addr[1:].partition("]")
+        port = port.lstrip(":")
+    elif addr.count(":") == 1:                    # host:port
+        host, port = addr.split(":")
+    else:                                         # host alone, or a bare IPv6 address
+        host, port = addr, ""
+    host = host.lower()
+    try:
+        ip = ipaddress.ip_address(host)
+        local = ip.is_loopback or ip.is_unspecified
+    except ValueError:
+        local = host in _LOCAL_HOSTS or host == socket.gethostname().lower()
+    name = "local" if local else re.sub(r"[^A-Za-z0-9._-]", "_", host)
+    return f"{name}_{port}" if port else name
+
 
 def state_pointer(router_address: str) -> Path:
     """A copy of a running stack's stack.json, keyed by its router address (for `switchyard status`)."""
-    return Path(tempfile.gettempdir()) / "switchyard-stacks" / (router_address.replace(":", "_") + ".json")
+    return Path(tempfile.gettempdir()) / "switchyard-stacks" / (state_key(router_address) + ".json")
 
 
-def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: str | None = None) -> int:
-    """Foreground `switchyard up`: start, print the router address, block until SIGTERM/Ctrl-C."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: str | None = None,
+           stop: threading.Event | None = None) -> int:
+    """Foreground `switchyard up`: start, print the router address, block until SIGTERM/Ctrl-C
+    (or until `stop` is set, when given)."""
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     stack = Stack(cfg, workdir)
     what = (f"a pool of {len(stack.pool.catalog.models)} model(s) from {cfg.pool_config}" if stack.pool is not None
             else f"{cfg.workers} worker(s) of {cfg.model}")
@@ -222,6 +269,7 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
         stack.start()
     except Exception as e:
         print(f"switchyard: failed to start: {e}", file=sys.stderr, flush=True)
+        print(f"switchyard: logs kept in {stack.log_dir}", file=sys.stderr, flush=True)
         return 1
     print(f"switchyard: router listening on {stack.router_address}", file=out, flush=True)
     if cfg.triton_port is not None:
@@ -250,5 +298,10 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
             break
     print("switchyard: draining", file=out, flush=True)
     stack.stop(drain=True)
-    print("switchyard: stopped", file=out, flush=True)
+    if rc or reported:   # a child died: keep its logs
+        print(f"switchyard: stopped after a failure; logs kept in {stack.log_dir}", file=sys.stderr, flush=True)
+    elif stack.remove_workdir():
+        print(f"switchyard: stopped; removed {stack.workdir}", file=out, flush=True)
+    else:
+        print(f"switchyard: stopped; logs in {stack.log_dir}", file=out, flush=True)
     return rc

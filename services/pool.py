@@ -25,7 +25,6 @@ Per model state: unloaded -> loading -> ready -> draining -> unloaded.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
@@ -170,9 +169,6 @@ class PoolManager:
 
     def children(self) -> list[proc.Child]:
         return [c for r in list(self.replicas.values()) for c in r.children()]
-
-    def all_children(self) -> list[proc.Child]:
-        return [c for r in [*self.replicas.values(), *self._stopping.values()] for c in r.children()]
 
     def call(self, coro, timeout: float | None = None):
         """Run a coroutine on the pool loop from another thread (tests, benchmarks)."""
@@ -599,7 +595,3 @@ class PoolManager:
                 "models": {n: {"state": e.state, "version": e.version,
                                "replicas": [r.worker_id for r in self.replicas_of(n)]}
                            for n, e in self.models.items()}}
-
-
-def dump_state(pool: PoolManager) -> str:
-    return json.dumps(pool.snapshot(), indent=1)

@@ -17,13 +17,11 @@ def _channel(target: str):
 
 
 def models_dict(router: str, timeout: float = 5.0) -> list[dict]:
-    from google.protobuf.json_format import MessageToDict
-
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
+    from services.rpc import message_dict
     with _channel(router) as ch:
         resp = inference_pb2_grpc.InferenceStub(ch).ListModels(inference_pb2.ListModelsRequest(), timeout=timeout)
-    return [MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            for m in resp.models]
+    return [message_dict(m) for m in resp.models]
 
 
 def print_models_table(router: str, header: bool = False, out=None) -> None:

@@ -8,11 +8,26 @@ class PortInUseError(RuntimeError):
     """A configured port is already bound by another process."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that is free right now (the OS picks it)."""
+# Ports free_port has handed out in this process. A picked port is only bound later, by the child
+# it is given to, so the OS could offer it again meanwhile; never hand out one twice.
+_handed_out: set[tuple[str, int]] = set()
+
+
+def _os_free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that is free right now (the OS picks it), distinct from every port this
+    process picked before."""
+    for _ in range(100):
+        port = _os_free_port(host)
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
+    raise RuntimeError(f"no free port on {host} that was not handed out already")
 
 
 def is_free(port: int, host: str = "127.0.0.1") -> bool:

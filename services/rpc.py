@@ -51,3 +51,34 @@ def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
         from services.ports import PortInUseError
         raise PortInUseError(f"cannot listen on {host}:{port} (in use or not permitted)")
     return bound
+
+
+def message_dict(msg) -> dict:
+    """A protobuf message as a JSON-able dict for the CLI's `--json`: field names as in the .proto,
+    every field present, and 64-bit integers as numbers (protobuf's JSON mapping writes them as
+    strings, so `prompt_tokens_total` would read "1234")."""
+    from google.protobuf.json_format import MessageToDict
+    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(msg.DESCRIPTOR, d)
+
+
+def _int64_as_numbers(desc, d: dict) -> dict:
+    from google.protobuf.descriptor import FieldDescriptor as F
+    int64 = {F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_SINT64, F.TYPE_FIXED64, F.TYPE_SFIXED64}
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        v, repeated = d[f.name], f.is_repeated
+        if f.message_type is not None:
+            if f.message_type.GetOptions().map_entry:   # map<k, v>: a dict
+                vf = f.message_type.fields_by_name["value"]
+                if vf.message_type is not None:
+                    d[f.name] = {k: _int64_as_numbers(vf.message_type, x) for k, x in v.items()}
+                elif vf.type in int64:
+                    d[f.name] = {k: int(x) for k, x in v.items()}
+            elif not f.message_type.full_name.startswith("google.protobuf."):   # well-known types keep their form
+                d[f.name] = [_int64_as_numbers(f.message_type, x) for x in v] if repeated \
+                    else _int64_as_numbers(f.message_type, v)
+        elif f.type in int64:
+            d[f.name] = [int(x) for x in v] if repeated else int(v)
+    return d

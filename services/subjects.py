@@ -54,10 +54,6 @@ ALL_CANCELS = f"{PREFIX}.cancel.*"
 ALL_KV_EVENTS = f"{PREFIX}.kv.*"
 ALL_HEARTBEATS = f"{PREFIX}.hb.*"
 
-# JetStream work queue for offline batch jobs (DESIGN.md, "Request path").
-BATCH_STREAM = "SY_BATCH"
-BATCH_SUBMIT = f"{PREFIX}.batch.submit"
-
 
 def last_token(subject: str) -> str:
     """The id at the end of a subject (e.g. the worker id of sy.hb.<worker_id>)."""

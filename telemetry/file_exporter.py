@@ -43,8 +43,8 @@ def span_to_otlp(span) -> dict:
         d["events"] = [{"timeUnixNano": str(e.timestamp), "name": e.name, "attributes": _attrs(e.attributes)}
                        for e in span.events]
     if span.links:
-        d["links"] = [{"traceId": f"{l.context.trace_id:032x}", "spanId": f"{l.context.span_id:016x}",
-                       "attributes": _attrs(l.attributes)} for l in span.links]
+        d["links"] = [{"traceId": f"{link.context.trace_id:032x}", "spanId": f"{link.context.span_id:016x}",
+                       "attributes": _attrs(link.attributes)} for link in span.links]
     code = int(span.status.status_code.value)
     if code:
         d["status"] = {"code": code, **({"message": span.status.description} if span.status.description else {})}

@@ -321,9 +321,3 @@ def serve(port: int | None, host: str = "127.0.0.1", registry: CollectorRegistry
             logging.getLogger("switchyard.metrics").warning(
                 "/metrics port %d unavailable (%s); serving on %d instead", port, e, server.server_port)
     return server.server_port
-
-
-def exposition_names(text: str) -> set[str]:
-    """Family names in a Prometheus text exposition (tests and the dashboard check)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    return {f.name for f in text_string_to_metric_families(text)}

@@ -33,12 +33,6 @@ def traceparent_of(span) -> str:
     return format_traceparent(sc) if sc.is_valid else ""
 
 
-def current_traceparent() -> str:
-    if not tracing.ENABLED:
-        return ""
-    return traceparent_of(tracing.current_span())
-
-
 def parse_traceparent(value: str | bytes | None):
     """A remote SpanContext, or None when value is not a valid version-00 traceparent."""
     if not value:

@@ -14,8 +14,6 @@ prefill span still has exactly its own steps.
 """
 from __future__ import annotations
 
-import time
-
 from telemetry import propagation, tracing
 
 QUEUED, PREFILL, DECODE = 0, 1, 2
@@ -139,7 +137,3 @@ class BatcherSpans:
             r.span.set_status(Status(StatusCode.ERROR, why))
             r.span.end()
         self.reqs.clear()
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 ENABLED = False
 tracer = None            # an opentelemetry Tracer once set up
@@ -106,14 +105,6 @@ def span(name: str, attributes: dict | None = None):
 def current_span():
     from opentelemetry import trace
     return trace.get_current_span()
-
-
-# perf_counter (what the engine records) -> epoch nanoseconds (what spans carry).
-_PERF_TO_EPOCH_NS = time.time_ns() - time.perf_counter_ns()
-
-
-def epoch_ns(perf_s: float) -> int:
-    return _PERF_TO_EPOCH_NS + int(perf_s * 1e9)
 
 
 def setup_from_config(component: str, cfg) -> bool:

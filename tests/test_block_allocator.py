@@ -3,7 +3,13 @@ from collections import Counter
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import (
-    Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple, precondition,
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
     rule,
 )
 

@@ -223,6 +223,7 @@ def test_gguf_blocks_are_cached_beside_the_conversion(tmp_path, monkeypatch):
     """Parsing the GGUF (its whole vocabulary) takes seconds: the first read writes
     gguf_blocks.safetensors into the conversion cache folder, later reads map it, with equal bytes."""
     import numpy as np
+
     from workers.engine.block_weights import read_gguf_blocks
     from workers.engine.gguf_convert import cache_dir_for
     from workers.engine.loader import smollm2_gguf_path

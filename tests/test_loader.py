@@ -185,7 +185,7 @@ def test_conversion_is_atomic_when_another_process_wins(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
     got = gguf_convert.ensure_converted(src)
     assert got == final and json.loads((final / "config.json").read_text())["who"] == "winner"
-    assert [p.name for p in final.parent.iterdir()] == [final.name]
+    assert sorted(p.name for p in final.parent.iterdir()) == sorted([final.name, gguf_convert.HASHES_FILE])
     # and a cached folder is reused without converting
     monkeypatch.setattr(gguf_convert, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert gguf_convert.ensure_converted(src) == final

@@ -222,7 +222,6 @@ def _hf_reference_mask(scaled, top_k, top_p, min_p):
 def test_truncation_masks_match_reference_and_never_sampled():
     n = 48
     logits = rand_logits(n, seed=21, scale=2.0)
-    g = torch.Generator().manual_seed(5)
     params = []
     for i in range(n):
         params.append(SamplingParams(

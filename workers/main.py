@@ -17,8 +17,9 @@ def engine_config(cfg):
     from workers.engine.config import EngineConfig
     threads = (cfg.torch_threads or int(os.environ.get("OMP_NUM_THREADS", "0"))
                or max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
-    return EngineConfig(num_threads=threads, device=cfg.device, block_size=cfg.block_size, num_kv_blocks=cfg.num_kv_blocks,
-                        kv_cache_memory_gb=cfg.kv_cache_memory_gb, max_num_seqs=cfg.max_num_seqs,
+    return EngineConfig(num_threads=threads, device=cfg.device, block_size=cfg.block_size,
+                        num_kv_blocks=cfg.num_kv_blocks, kv_cache_memory_gb=cfg.kv_cache_memory_gb,
+                        max_num_seqs=cfg.max_num_seqs,
                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, max_waiting=cfg.max_waiting,
                         lora_adapters=dict(cfg.lora_adapters or {}), max_loras=cfg.max_loras,
@@ -27,11 +28,10 @@ def engine_config(cfg):
 
 async def serve(args) -> None:
     from protos.switchyard.v1 import worker_pb2_grpc
+    from telemetry import metrics, tracing
     from workers.engine.loader import load_model
     from workers.engine.model_runner import ModelRunner, resolve_dtype
     from workers.service import WorkerServicer
-
-    from telemetry import metrics, tracing
 
     cfg = load_config(args.config, model=args.model)
     tracing.setup_from_config("worker", cfg)   # before any server/channel: interceptors

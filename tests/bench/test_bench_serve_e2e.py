@@ -25,7 +25,8 @@ def _pngs(d):
 
 def test_bench_serve_against_a_real_stack(tmp_path):
     out, plots = tmp_path / "serve.json", tmp_path / "plots"
-    rc = cli(["bench", "serve", "--model", "random:tiny", "--load", "sweep", "--sweep-rates", "6,12", "--num-requests", "3",
+    rc = cli(["bench", "serve", "--model", "random:tiny", "--load", "sweep", "--sweep-rates", "6,12",
+              "--num-requests", "3",
               "--input-len", "8-16", "--output-len", "2-3", "--num-kv-blocks", "128", "--max-model-len", "256",
               "--slo-ttft-ms", "60000", "--gpu-usd-per-hour", "3.6", "--no-progress",
               "--json", str(out), "--plot", str(plots)])
@@ -46,7 +47,8 @@ def test_bench_serve_against_a_real_stack(tmp_path):
 
 def test_bench_compare_batching_inproc(tmp_path):
     out, plots = tmp_path / "compare.json", tmp_path / "plots"
-    rc = cli(["bench", "compare", "--batching", "--model", "random:tiny", "--num-requests", "3", "--input-len", "8-16", "--output-len", "2-4",
+    rc = cli(["bench", "compare", "--batching", "--model", "random:tiny", "--num-requests", "3",
+              "--input-len", "8-16", "--output-len", "2-4",
               "--batch-size", "2", "--request-rate", "20", "--num-kv-blocks", "64", "--max-model-len", "256",
               "--no-progress", "--json", str(out), "--plot", str(plots)])
     assert rc == 0

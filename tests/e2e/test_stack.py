@@ -53,7 +53,8 @@ def test_chat_and_list_models_and_tokenize(stack):
         async with channel(stack.router) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
             models = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
-            tok = await stub.Tokenize(inference_pb2.TokenizeRequest(model="smollm2-135m", prompt="Hello world"), timeout=10)
+            tok = await stub.Tokenize(inference_pb2.TokenizeRequest(model="smollm2-135m", prompt="Hello world"),
+                                      timeout=10)
             req = gen_request("", max_tokens=4)
             req.messages.add(role="user", content="Say hi")
             text, ids, resps = await collect(stub, req)

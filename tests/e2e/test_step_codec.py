@@ -1,10 +1,16 @@
 from kv_manager.events import CLEARED, REMOVED, STORED, KvEvent
+from protos.switchyard.v1 import common_pb2, worker_pb2
 from services.bus_codec import kv_events_from_proto, kv_events_to_proto
 from workers.engine.plan import NewRequestPlan, RunningRequestPlan, StepPlan, StepResult
 from workers.engine.sampling_params import SamplingParams
-from workers.step_codec import (plan_from_proto, plan_to_proto, result_from_proto, result_to_proto,
-                                sampling_from_proto, sampling_to_proto)
-from protos.switchyard.v1 import common_pb2, worker_pb2
+from workers.step_codec import (
+    plan_from_proto,
+    plan_to_proto,
+    result_from_proto,
+    result_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+)
 
 
 def _plan() -> StepPlan:

@@ -5,10 +5,10 @@ its batcher, and a KEDA ScaledObject scaling that Deployment on the model's queu
 """
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 yaml = pytest.importorskip("yaml")
 

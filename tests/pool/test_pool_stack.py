@@ -35,8 +35,8 @@ async def wait_for(router: str, pred, timeout: float, what: str):
         if pred(ms):
             return ms
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s; models: "
-                                 f"{ {n: (m.state, m.version, m.replicas, m.desired_replicas, m.queue_depth) for n, m in ms.items()} }")
+            seen = {n: (m.state, m.version, m.replicas, m.desired_replicas, m.queue_depth) for n, m in ms.items()}
+            raise AssertionError(f"{what}: not within {timeout}s; models: {seen}")
         await asyncio.sleep(0.2)
 
 
@@ -177,7 +177,8 @@ def test_hot_swap_under_traffic_fails_nothing(pool_stack):
 def test_unload_and_on_demand_load_under_traffic(pool_stack):
     async def main():
         async with Traffic(pool_stack.router, n=2, model="alpha") as t:
-            resp = await admin(pool_stack.router, "UnloadModel", inference_pb2.UnloadModelRequest(name="beta", wait=True))
+            resp = await admin(pool_stack.router, "UnloadModel",
+                               inference_pb2.UnloadModelRequest(name="beta", wait=True))
             assert "unloaded" in resp.message
             assert (await models(pool_stack.router))["beta"].state == "unloaded"
             # A request for an unloaded model loads it and waits instead of failing.

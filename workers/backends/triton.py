@@ -21,8 +21,17 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
-from workers.backends.base import (EXHAUSTED, INTERNAL, INVALID, NOT_FOUND, UNAVAILABLE, Backend, BackendChunk,
-                                   BackendError, BackendRequest)
+from workers.backends.base import (
+    EXHAUSTED,
+    INTERNAL,
+    INVALID,
+    NOT_FOUND,
+    UNAVAILABLE,
+    Backend,
+    BackendChunk,
+    BackendError,
+    BackendRequest,
+)
 
 log = logging.getLogger("switchyard.backends.triton")
 

@@ -29,8 +29,16 @@ from typing import AsyncIterator
 
 from kv_manager.block_hash import hash_block
 from kv_manager.events import CLEARED, REMOVED, STORED, KvEvent
-from workers.backends.base import (INTERNAL, INVALID, Backend, BackendChunk, BackendError, BackendMissingError,
-                                   BackendRequest, BackendStats)
+from workers.backends.base import (
+    INTERNAL,
+    INVALID,
+    Backend,
+    BackendChunk,
+    BackendError,
+    BackendMissingError,
+    BackendRequest,
+    BackendStats,
+)
 from workers.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("switchyard.backends.trtllm")

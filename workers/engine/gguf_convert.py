@@ -4,6 +4,12 @@ The folder holds `config.json`, `model.safetensors` (float32, HF tensor names, H
 `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`, so both our loader and
 `transformers` can read it. It is written into a temporary folder and renamed into place, so two
 processes converting the same file at once cannot leave a half-written folder behind.
+
+The cache (`~/.cache/switchyard/models/`, or `$SWITCHYARD_CACHE_DIR`) is keyed by the file's content
+(SHA-256), so every clone and virtualenv holding the same GGUF shares one conversion (~635 MB for
+SmolLM2-135M). The hash itself is remembered by (path, size, mtime) in `gguf-hashes.json` there, so a
+file is hashed once, not on every load. The CPU block cache (`gguf_blocks.safetensors`,
+block_weights.py) lives in the same folder.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 CACHE_ENV = "SWITCHYARD_CACHE_DIR"
+HASHES_FILE = "gguf-hashes.json"   # in cache_root(): "path|size|mtime_ns" -> the file's SHA-256
+_HASH_CHUNK = 8 << 20
 
 # llama.cpp token types (gguf.TokenType)
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -43,8 +51,54 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "switchyard" / "models"
 
 
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(gguf_path: str | os.PathLike) -> str:
+    """SHA-256 of the file, hashed in chunks once per (path, size, mtime) and remembered in
+    `gguf-hashes.json` in the cache root (a 98 MB GGUF is not re-read on every load)."""
+    p = Path(gguf_path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    index = cache_root() / HASHES_FILE
+    known = _read_hashes(index)
+    if key in known:
+        return known[key]
+    digest = _hash_file(p)
+    known = _read_hashes(index)   # again: another process may have added entries meanwhile
+    prefix = f"{p}|"
+    known = {k: v for k, v in known.items() if not k.startswith(prefix) and Path(k.rsplit("|", 2)[0]).exists()}
+    known[key] = digest
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f".{index.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, index)
+    except OSError:   # a read-only cache: hash again next time
+        pass
+    return digest
+
+
+def _read_hashes(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def cache_dir_for(gguf_path: str | os.PathLike) -> Path:
-    """The cache folder a GGUF file converts into: file stem + short hash of (path, size, mtime)."""
+    """The cache folder a GGUF file converts into, named by its content: the same for every copy."""
+    return cache_root() / f"gguf-{content_hash(gguf_path)[:20]}"
+
+
+def _legacy_cache_dir(gguf_path: str | os.PathLike) -> Path:
+    """Where conversions were kept before the content key: stem + hash of (path, size, mtime)."""
     p = Path(gguf_path).resolve()
     st = p.stat()
     key = f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()
@@ -56,6 +110,14 @@ def ensure_converted(gguf_path: str | os.PathLike) -> Path:
     final = cache_dir_for(gguf_path)
     if (final / "config.json").exists():
         return final
+    legacy = _legacy_cache_dir(gguf_path)
+    if (legacy / "config.json").exists():   # converted under the old key: the same content, move it
+        try:
+            os.rename(legacy, final)
+            return final
+        except OSError:
+            if (final / "config.json").exists():   # another process moved it first
+                return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
