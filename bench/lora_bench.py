@@ -4,8 +4,10 @@ Reports
 * swap_ms_p50 / swap_ms_p99: request to first use of a rank-16 adapter that is in no slot and not in
   host memory (read + validate the PEFT folder, evict the LRU slot, copy into it);
   swap_ms_host_cached_p50 / _p99: the same when the adapter sits in the host LRU (the usual swap).
+  On CUDA the slot write is asynchronous (side stream); these include waiting for it to land.
 * mixed_over_base_throughput: output tok/s of a batch spread over `adapters_in_batch` adapters
-  (two requests each) over the same batch on the bare base model; per LoRA path too (sgmv, bmm, bgmv).
+  (two requests each) over the same batch on the bare base model; per LoRA path too (sgmv, bmm, bgmv;
+  triton on CUDA).
 * match_peft: greedy tokens equal transformers + peft on a fixed prompt set (HF-layout models only).
 * adapter_host_mb (one rank-16 adapter in host memory) and slot_device_mb (one slot on the device).
 
@@ -64,21 +66,24 @@ def measure_swaps(loaded, cfg: EngineConfig, adapters: dict[str, Path], trials: 
     for n, p in adapters.items():
         mgr.register(n, p)
     names = list(adapters)
-    mgr.acquire(names[0])           # allocate the slot stacks outside the timings
+    cuda = mgr.device.type == "cuda"
+
+    def swap(name: str) -> float:
+        t0 = time.perf_counter()
+        mgr.acquire(name)
+        if cuda:                    # the slot write runs on a side stream: time it until it has landed
+            torch.cuda.synchronize(mgr.device)
+        return 1000 * (time.perf_counter() - t0)
+    swap(names[0])                  # allocate the slot stacks outside the timings
     cold, warm = [], []
     for i in range(trials):
         name = names[(i + 1) % len(names)]
         mgr._host.pop(name, None)   # not in host memory either: a read from disk
-        t0 = time.perf_counter()
-        mgr.acquire(name)
-        cold.append(1000 * (time.perf_counter() - t0))
+        cold.append(swap(name))
     for n in names:
         mgr.prefetch(n)
     for i in range(trials):
-        name = names[(i + 1) % len(names)]
-        t0 = time.perf_counter()
-        mgr.acquire(name)
-        warm.append(1000 * (time.perf_counter() - t0))
+        warm.append(swap(names[(i + 1) % len(names)]))
     # request to first token, swap included vs adapter already in a slot (same prompt, 1 token)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [pool[i * 7:i * 7 + args.prompt_len] for i in range(n_req)]
     # Base and mixed runs alternate, `rounds` times each, and each ratio is mixed over the base run
     # beside it (median over rounds): on a shared box the background load drifts between runs.
-    modes = ("auto", "sgmv", "bmm", "bgmv")
+    modes = ("auto", "sgmv", "bmm", "bgmv") + (("triton",) if args.device.startswith("cuda") else ())
     base_runs: list[float] = []
     ratios: dict[str, list[float]] = {m: [] for m in modes}
     mixed: dict[str, list[float]] = {m: [] for m in modes}

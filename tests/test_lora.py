@@ -234,3 +234,41 @@ def test_every_lora_path_adds_the_same_delta(smollm2, adapters, rows):
         assert (got["bmm-torch"] - got["sgmv"]).abs().max().item() < 1e-5
         assert (got["bgmv"] - got["sgmv"]).abs().max().item() < 1e-5
         assert not got["sgmv"][[i for i, r in enumerate(rows) if r == 0]].any()   # base rows untouched
+
+
+def test_slot_holds_the_peft_weights_transposed_and_scaled(tmp_path):
+    """The host copy is packed once in the slots' layout; a slot write (here over a fuller adapter's
+    slot) lands A^T and scaling * B^T at a rank below the capacity, zeros everywhere else - an
+    untargeted sub-projection of a fused projection included."""
+    from safetensors.torch import load_file
+
+    from bench.lora_bench import write_peft_adapter
+    from workers.engine.config import ModelConfig
+    from workers.engine.lora import KINDS, SUPPORTED_TARGETS, AdapterManager, module_dims
+    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    R, r, targets = 4, 3, ["q_proj", "v_proj", "up_proj", "down_proj"]
+    mgr = AdapterManager(cfg, max_loras=1, max_lora_rank=R)
+    mgr.load("full", write_peft_adapter(tmp_path / "full", cfg, r=R, alpha=4, targets=SUPPORTED_TARGETS, seed=1))
+    path = write_peft_adapter(tmp_path / "a", cfg, r=r, alpha=6, targets=targets, seed=2)
+    assert mgr.load("a", path) == 1
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    ad = mgr.prefetch("a")
+    assert ad.nbytes == ad.flat.numel() * 4
+    dims = module_dims(cfg)
+    for li, st in enumerate(mgr._layers):
+        for ki, subs in enumerate(KINDS.values()):
+            A = torch.zeros(dims[subs[0]][0], len(subs) * R)
+            for j, sub in enumerate(subs):
+                B = torch.zeros(R, dims[sub][1])
+                if sub in targets:
+                    part = "self_attn" if sub in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                    a = sd[f"base_model.model.model.layers.{li}.{part}.{sub}.lora_A.weight"]
+                    b = sd[f"base_model.model.model.layers.{li}.{part}.{sub}.lora_B.weight"] * 2.0   # alpha / r
+                    A[:, j * R:j * R + r] = a.t()
+                    B[:r] = b.t()
+                    assert torch.equal(ad.weights[li][sub][0], a) and torch.equal(ad.weights[li][sub][1], b)
+                assert torch.equal(st.B[ki][j][1], B), (li, sub)
+                assert not st.B[ki][j][0].any()
+            assert torch.equal(st.A[ki][1], A), (li, subs)
+            assert not st.A[ki][0].any()

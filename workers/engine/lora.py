@@ -3,13 +3,21 @@
 An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors) with rank r, alpha and
 target modules among q/k/v/o/gate/up/down_proj. `AdapterManager` keeps a fixed number of slots on
 the model's device: per layer and per fused projection ("qkv", "o", "gate_up", "down") one stacked A
-`[slots, n_sub * r_max, in]` and, per sub-projection, one stacked B `[slots, out_sub, r_max]` with
-the scaling folded in (zero-padded to r_max). Slot 0 is reserved and all zeros: "no adapter".
-Behind the slots sits an LRU of host-memory copies, so a swap is a host->device copy, not a disk read.
+`[slots, in, n_sub * r_max]` (the sub-projections' A^T side by side) and, per sub-projection, one
+stacked B `[slots, r_max, out_sub]` with the scaling folded in (zero-padded to r_max) - stored
+as the matmuls read them. Slot 0 is reserved and all zeros: "no adapter".
+Behind the slots sits an LRU of host-memory copies, already in the slots' layout in one flat buffer
+(pinned when the slots are on CUDA), so a swap is one host->device copy and two fused multi-tensor
+ops (copy, zero), not a disk read; on CUDA they run on a side stream and the next step that uses
+the slot waits on its event (the host does not wait).
 
 Per step the runner hands `LoraBatch.build` each token's slot; every projection then adds
 `B[slot] @ (A[slot] @ x)` per token, either
 
+* Triton ("triton", workers/engine/triton_lora.py): a segmented batched kernel pair (Punica SGMV
+  style): one shrink and one expand launch per projection for all adapters in the batch, over a
+  tile table (row range, slot, rank, targeted sub-projections) copied to the device once per step;
+  the default on CUDA when triton is installed (on CPU only explicitly, under TRITON_INTERPRET=1), or
 * segmented ("sgmv"): the runner orders tokens by slot, so each adapter present covers at most a
   couple of contiguous row ranges; one shrink matmul and one expand addmm per sub-projection per
   range (a loop over the distinct adapters in the batch, never over tokens), or
@@ -18,8 +26,9 @@ Per step the runner hands `LoraBatch.build` each token's slot; every projection 
   `index_add_` back into the rows: a handful of ops per projection whatever the adapter count, or
 * gathered ("bgmv"): per-token A/B gathered by slot index and `torch.bmm` over tokens.
 
-`mode="auto"` picks segmented for a few long runs and padded for many short ones (see `LoraBatch.build`);
-bench/lora_bench.py measures both. A batch with no adapter builds no LoraBatch at all (zero cost).
+`mode="auto"` picks "triton" on CUDA; elsewhere segmented for a few long runs and padded for many
+short ones (see `LoraBatch.build`); bench/lora_bench.py measures them. A batch with no adapter builds
+no LoraBatch at all (zero cost).
 """
 from __future__ import annotations
 
@@ -45,7 +54,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
-LORA_MODES = ("auto", "sgmv", "bmm", "bgmv")
+LORA_MODES = ("auto", "triton", "sgmv", "bmm", "bgmv")
 SUPPORTED_TARGETS = tuple(m for subs in KINDS.values() for m in subs)
 _SUB_KIND = {m: (k, i) for k, subs in KINDS.items() for i, m in enumerate(subs)}
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -78,18 +87,29 @@ class LoraAdapter:
     alpha: float
     scaling: float
     targets: tuple[str, ...]                 # sub-projection names present in the weights
-    # layer -> module -> (A [r, in], B*scaling [out, r]) on the host, as PEFT stores them (the slot
-    # write transposes in the same pass as its copy: no extra pass over the weights per load)
+    # The weights already in the slots' layout, packed in one flat host buffer (pinned when the slots
+    # are on CUDA): a swap is one host->device copy plus fused copies, with no transpose, padding or
+    # scaling per swap. `pieces` names the chunks of `flat` in order: (layer, kind index, sub index,
+    # shape) - sub -1 is the kind's A^T [in, n_sub * r_max] (zero where a rank or a sub is missing),
+    # sub j >= 0 is B_j^T * scaling [r, out_j].
+    flat: torch.Tensor
+    pieces: list[tuple[int, int, int, tuple[int, int]]]
+    # layer -> module -> (A [r, in], B*scaling [out, r]): views into `flat`, as PEFT stores them
     weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     base_model: str = ""
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for mods in self.weights.values() for a, b in mods.values())
+        return self.flat.numel() * self.flat.element_size()
 
     def kinds(self) -> tuple[str, ...]:
         return tuple(k for k, subs in KINDS.items() if any(s in self.targets for s in subs))
+
+    def chunks(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The pieces as views of `flat` (default: the host buffer; a device copy of it on CUDA)."""
+        flat = self.flat if flat is None else flat
+        return [c.view(shape) for c, (_, _, _, shape) in
+                zip(flat.split([h * w for _, _, _, (h, w) in self.pieces]), self.pieces)]
 
 
 def read_peft_config(path: Path, name: str) -> dict:
@@ -157,8 +177,6 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
         raw.setdefault(layer, {}).setdefault(mod, {})[ab] = t
     if not raw:
         raise InvalidAdapterError(name, "adapter_model.safetensors holds no LoRA weights")
-    weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    targets: set[str] = set()
     for layer, mods in raw.items():
         for mod, ab in mods.items():
             if set(ab) != {"A", "B"}:
@@ -173,19 +191,65 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
                     name, f"layer {layer} {mod}: adapter is {a.shape[1]} -> {b.shape[0]} but the base model's "
                           f"{mod} is {fin} -> {fout}; it was trained for another base model "
                           f"({cfg.get('base_model_name_or_path') or 'unknown'})")
-            a = a.to(dtype).contiguous()
-            b = (b.to(torch.float32) * scaling).to(dtype).contiguous()
-            if pin:
-                a, b = a.pin_memory(), b.pin_memory()
-            weights.setdefault(layer, {})[mod] = (a, b)
-            targets.add(mod)
+    flat, pieces, weights = _pack_slot_layout(raw, dims, r, max_rank, scaling, dtype, pin)
+    targets = {mod for mods in raw.values() for mod in mods}
     return LoraAdapter(name=name, path=str(p), rank=r, alpha=alpha, scaling=scaling,
-                       targets=tuple(m for m in SUPPORTED_TARGETS if m in targets), weights=weights,
-                       base_model=str(cfg.get("base_model_name_or_path") or ""))
+                       targets=tuple(m for m in SUPPORTED_TARGETS if m in targets), flat=flat, pieces=pieces,
+                       weights=weights, base_model=str(cfg.get("base_model_name_or_path") or ""))
+
+
+def _pack_slot_layout(raw: dict[int, dict[str, dict[str, torch.Tensor]]], dims: dict[str, tuple[int, int]],
+                      r: int, rmax: int, scaling: float, dtype: torch.dtype, pin: bool):
+    """The adapter's weights in the slots' layout, in one flat (pinned) buffer: the re-layout (transpose,
+    padding, scaling, dtype) happens here once per disk read, each tensor written once straight into
+    the buffer, instead of per swap on the device; one buffer, not a pinned allocation per tensor."""
+    pieces: list[tuple[int, int, int, tuple[int, int]]] = []
+    for layer in sorted(raw):
+        mods = raw[layer]
+        for ki, subs in enumerate(KINDS.values()):
+            if any(sb in mods for sb in subs):
+                pieces.append((layer, ki, -1, (dims[subs[0]][0], len(subs) * rmax)))
+                pieces += [(layer, ki, j, (r, dims[sb][1])) for j, sb in enumerate(subs) if sb in mods]
+    flat = torch.empty(sum(h * w for _, _, _, (h, w) in pieces), dtype=dtype, pin_memory=pin)
+    weights: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    subs_of = list(KINDS.values())
+    a_of: dict[tuple[int, str], torch.Tensor] = {}
+    for (layer, ki, j, shape), chunk in zip(pieces, flat.split([h * w for _, _, _, (h, w) in pieces])):
+        v = chunk.view(shape)
+        mods = raw[layer]
+        subs = subs_of[ki]
+        if j < 0:
+            if r < rmax or not all(sb in mods for sb in subs):
+                v.zero_()
+            for jj, sb in enumerate(subs):
+                if sb in mods:
+                    cols = v[:, jj * rmax:jj * rmax + r]
+                    cols.copy_(mods[sb]["A"].t())
+                    a_of[(layer, sb)] = cols.t()
+        else:
+            sb = subs[j]
+            b = mods[sb]["B"]
+            if b.dtype == dtype:      # exact copy, then one rounding of b * scaling (computed in float32)
+                v.copy_(b.t()).mul_(scaling)
+            else:                     # scaled in float32, rounded once to dtype
+                torch.mul(b.t().to(torch.float32), scaling, out=v)
+            weights.setdefault(layer, {})[sb] = (a_of[(layer, sb)], v.t())
+    return flat, pieces, weights
 
 
 # ------------------------------------------------------------------------------------------------
 # slots on the device
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    # fused multi-tensor copy on CUDA (all views are dense and dtype-matched); a loop elsewhere
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _zero_all(ts: list[torch.Tensor]) -> None:
+    if ts:
+        torch._foreach_zero_(ts)
+
 
 class _LayerStacks:
     """One layer's stacked A/B per fused projection."""
@@ -221,6 +285,8 @@ class AdapterManager:
             raise ValueError("max_loras must be >= 1 to serve adapters")
         if mode not in LORA_MODES:
             raise ValueError(f"lora_mode {mode!r} is not one of {list(LORA_MODES)}")
+        if mode == "triton" and not _triton_available():
+            raise ValueError("lora_mode 'triton' needs triton installed (pip install triton)")
         self.model_config = model_config
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
@@ -236,6 +302,8 @@ class AdapterManager:
         self._slot_adapter: list[LoraAdapter | None] = [None] * (max_loras + 1)
         self._slot_used: list[float] = [0.0] * (max_loras + 1)
         self._layers: list[_LayerStacks] | None = None   # allocated on first load
+        self._copy_stream = None                          # CUDA side stream for slot writes
+        self._slot_ready: list = [None] * (max_loras + 1)  # CUDA event of a slot's pending write
         self._lock = threading.RLock()
         self.num_swaps = 0
         self.last_load_ms = 0.0
@@ -287,7 +355,7 @@ class AdapterManager:
                 return ad
             path = self.registry[name]
         ad = load_adapter(name, path, self.model_config, max_rank=self.max_lora_rank, dtype=self.dtype,
-                          pin=self.device.type == "cuda")
+                          pin=self.device.type == "cuda" and torch.cuda.is_available())
         with self._lock:
             if self.registry.get(name) != path:     # unregistered/re-registered meanwhile
                 self.check(name)
@@ -355,30 +423,57 @@ class AdapterManager:
 
     @torch.inference_mode()
     def _write_slot(self, s: int, ad: LoraAdapter) -> None:
+        """Copy `ad` into slot s: every stack slice it covers is overwritten, the rest zeroed.
+
+        On CUDA: one host->device copy of the packed buffer and fused multi-tensor copy/zero ops on a
+        side stream (a handful of launches instead of ~30 ops per layer), recorded on an event that
+        `wait_slots` makes the compute stream wait on before the first step reading the slot; the
+        host never waits. On CPU the same copies run inline from the host buffer."""
         layers = self._ensure_stacks()
         r, R = ad.rank, self.max_lora_rank
-        nb = self.device.type == "cuda"
+        have = {(li, ki, j) for li, ki, j, _ in ad.pieces}
+        zero: list[torch.Tensor] = []
         for li, st in enumerate(layers):
-            mods = ad.weights.get(li, {})
             for ki, subs in enumerate(KINDS.values()):
-                A = st.A[ki][s]
-                full = r == R and all(sub in mods for sub in subs)
-                if not full:   # else every element is overwritten below
-                    A.zero_()
-                for j, sub in enumerate(subs):
-                    B = st.B[ki][j][s]
-                    w = mods.get(sub)
-                    if w is None or r < R:
-                        B.zero_()
-                    if w is None:
-                        continue
-                    a, b = w
-                    if nb:   # contiguous host->device copies; the transpose happens on the device
-                        a, b = a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
-                    A[:, j * R:j * R + r].copy_(a.t())
-                    B[:r].copy_(b.t())
-        if nb:
-            torch.cuda.current_stream(self.device).synchronize()
+                if (li, ki, -1) not in have:
+                    zero.append(st.A[ki][s])
+                    zero += [B[s] for B in st.B[ki]]
+                    continue
+                for j, B in enumerate(st.B[ki]):
+                    if (li, ki, j) not in have:
+                        zero.append(B[s])
+                    elif r < R:
+                        zero.append(B[s, r:])
+        dst = [layers[li].A[ki][s] if j < 0 else layers[li].B[ki][j][s, :r] for li, ki, j, _ in ad.pieces]
+        if self.device.type != "cuda":
+            _copy_all(dst, ad.chunks())
+            _zero_all(zero)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        side = self._copy_stream
+        side.wait_stream(compute)        # steps already queued may still read the slot's old adapter
+        with torch.cuda.stream(side):
+            # `staging` is allocated and used on the side stream only; the caching allocators keep it
+            # and the pinned source alive until the queued copies have run
+            staging = ad.flat.to(self.device, non_blocking=True)
+            _copy_all(dst, ad.chunks(staging))
+            _zero_all(zero)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        self._slot_ready[s] = ev
+
+    def wait_slots(self, slots) -> None:
+        """Make the current (compute) stream wait for pending writes of these slots (CUDA; no host wait)."""
+        if not any(self._slot_ready[s] is not None for s in slots):
+            return
+        stream = torch.cuda.current_stream(self.device)
+        with self._lock:
+            for s in slots:
+                ev, self._slot_ready[s] = self._slot_ready[s], None
+                if ev is not None:
+                    stream.wait_event(ev)
 
     # ---- per step ------------------------------------------------------------------------------
     def adapter_in_slot(self, s: int) -> LoraAdapter | None:
@@ -398,6 +493,21 @@ class AdapterManager:
 
 # ------------------------------------------------------------------------------------------------
 # the batched forward
+
+_TRITON_OK: bool | None = None
+
+
+def _triton_available() -> bool:
+    """Whether the Triton kernels can be used (imported once, only when a CUDA batch asks)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            from workers.engine import triton_lora
+            _TRITON_OK = triton_lora.available()
+        except Exception:
+            _TRITON_OK = False
+    return _TRITON_OK
+
 
 class LoraBatch:
     """The LoRA work of one forward: which token rows use which slot. `apply` adds the deltas in place."""
@@ -419,6 +529,15 @@ class LoraBatch:
         self.mask_t: torch.Tensor | None = None     # [n, L, 1] 1 for real rows, 0 for pads
         self.block: tuple[int, int] | None = None   # (first row, L) when the grid is rows [r0, r0 + n*L)
         self.native = mgr.native                    # the block case through kernels/decode_ops.cpp
+        # Triton ("triton"): per kind a view of the step's device tile table, the shrink's split-K
+        # (requested, written), and one float32 buffer for the shrink's partial sums (reused by every
+        # projection: the same stream runs each expand before the next shrink)
+        self.kernels = None
+        self.tiles: list[torch.Tensor] = []
+        self.split_k: list[int] = []
+        self.splits: list[int] = []
+        self.block_m = 16
+        self.partial: torch.Tensor | None = None
 
     @classmethod
     def _build_padded(cls, mgr: AdapterManager, runs: list[tuple[int, int, int]], T: int, device) -> LoraBatch:
@@ -457,6 +576,35 @@ class LoraBatch:
         return b
 
     @classmethod
+    def _build_triton(cls, mgr: AdapterManager, segs: list[list[tuple[int, int, int, int]]], T: int,
+                      device: torch.device) -> LoraBatch:
+        """The tile table of every kind in one int32 tensor, copied to the device once (non-blocking
+        from pinned memory on CUDA): each kind's rows (first row, end row, slot, rank, targeted subs)."""
+        from workers.engine import triton_lora
+        b = cls(mgr, "triton", None, segs)
+        b.kernels = triton_lora
+        b.block_m = triton_lora.pick_block_m(max((e - s for seg in segs for _, s, e, _ in seg), default=1))
+        flat: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        for ki, subs in enumerate(KINDS.values()):
+            rows = triton_lora.tile_rows(
+                ((s, e, slot, rank, sum(1 << j for j, sb in enumerate(subs) if sb in mgr.adapter_in_slot(slot).targets))
+                 for slot, s, e, rank in segs[ki]), b.block_m)
+            bounds.append((len(flat) // triton_lora.TILE_COLS, len(rows) // triton_lora.TILE_COLS))
+            flat += rows
+        table = torch.tensor(flat, dtype=torch.int32).view(-1, triton_lora.TILE_COLS)
+        table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+        b.tiles = [table[o:o + n] for o, n in bounds]
+        size = 0
+        for ki, A in enumerate(b.layers[0].A):
+            _, K, NR = A.shape
+            b.split_k.append(triton_lora.pick_split_k(bounds[ki][1], NR, K))
+            b.splits.append(triton_lora.effective_split_k(K, b.split_k[-1]))
+            size = max(size, b.splits[-1] * T * NR)
+        b.partial = torch.empty(size, dtype=torch.float32, device=device)
+        return b
+
+    @classmethod
     def build(cls, mgr: AdapterManager, token_slots: list[int], mode: str | None = None,
               device=None) -> LoraBatch | None:
         """token_slots: the slot per token row (0 = none). None when no row uses an adapter."""
@@ -470,7 +618,12 @@ class LoraBatch:
                 start = i
         if not runs:
             return None
+        dev = torch.device(device) if device is not None else mgr.device
+        if dev.type == "cuda":
+            mgr.wait_slots({slot for slot, _, _ in runs})
         mode = mode or mgr.mode
+        if mode == "auto" and dev.type == "cuda" and _triton_available():
+            mode = "triton"
         if mode == "auto":
             # One or two runs (a prefill under one adapter): a matmul per run is dense and cheap.
             # More: one padded bmm per projection instead of a Python loop launching ~11 small
@@ -482,7 +635,7 @@ class LoraBatch:
             grid = (max(rows) - min(rows) + 1) * max(rows.values())
             mode = "bmm" if len(runs) > 2 and grid <= 2 * T else "sgmv"
         if mode == "bmm":
-            return cls._build_padded(mgr, runs, T, device or mgr.device)
+            return cls._build_padded(mgr, runs, T, dev)
         segs: list[list[tuple[int, int, int, int]]] = [[] for _ in KINDS]
         for slot, s, e in runs:
             ad = mgr.adapter_in_slot(slot)
@@ -490,9 +643,11 @@ class LoraBatch:
                 continue
             for k in ad.kinds():
                 segs[KIND_INDEX[k]].append((slot, s, e, ad.rank))
+        if mode == "triton":
+            return cls._build_triton(mgr, segs, T, dev)
         slots_t = None
         if mode == "bgmv":
-            slots_t = torch.tensor(token_slots, dtype=torch.long, device=device or mgr.device)
+            slots_t = torch.tensor(token_slots, dtype=torch.long, device=dev)
         b = cls(mgr, mode, slots_t, segs)
         for slot, _, _, _ in (x for seg in segs for x in seg):
             ad = mgr.adapter_in_slot(slot)
@@ -507,6 +662,15 @@ class LoraBatch:
         st = self.layers[layer]
         A, Bs, offs = st.A[kind], st.B[kind], st.out_offsets[kind]
         R = self.R
+        if self.mode == "triton":
+            T, NR = x.shape[0], A.shape[2]
+            n = self.splits[kind]
+            partial = self.partial[:n * T * NR].view(n, T, NR)
+            tiles = self.tiles[kind]
+            self.kernels.sgmv_shrink(x if x.stride(1) == 1 else x.contiguous(), A, tiles, partial, r_max=R,
+                                     block_m=self.block_m, split_k=self.split_k[kind])
+            self.kernels.sgmv_expand(partial, Bs, out, tiles, r_max=R, block_m=self.block_m, splits=n)
+            return
         if self.mode == "bmm" and self.block is not None:
             n, s0, (r0, L) = self.n, self.s0, self.block
             r1 = r0 + n * L
