@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     blocked = [m for m in eng.runner.model.modules() if getattr(m, "blocks", None) is not None]
     res["block_weights"] = len(blocked)   # projections served from the GGUF blocks (CPU decode kernels)
     res["decode_ms_per_step_bs1"] = engine_decode_ms_bs1(eng)
+    # printed at once: a run cut short by a time limit (bench/gpu_suite.sh) still shows this figure
+    print(f"engine: bs1 decode {res['decode_ms_per_step_bs1']:.2f} ms/step", flush=True)
     if blocked:   # the same engine on its float32 weights only, side by side
         saved = [m.blocks for m in blocked]
         for m in blocked:

