@@ -7,11 +7,13 @@
 #
 # Default (budget 480 s), in this order; each step may use what is left of the budget minus the
 # shares of the steps after it, so a slow step cannot starve the later ones (unused time rolls over):
+#   0. cuda-checks   (40 s) tests/test_cuda_engine.py: no host sync when a step is launched, float32
+#                           greedy equal to HF on the 1B shape, bf16 top-1 agreement, compiled kernels
 #   1. engine-8b    (140 s) 8B batch-1 decode ms/step, then offline 1000 requests x 256 prompt /
 #                           256 output tokens (output tok/s)
 #   2. engine-1b-hf (100 s) 1B `bench engine` vs HF generate: 128 requests, prompt 128-512, output 64-128
-#   3. lora-8b       (90 s) LoRA on 8B: mixed-batch / base throughput; swap p50/p99 from disk and host memory
-#   4. stack-1b     (100 s) 1B through the whole stack (router + NATS + batcher + worker), Poisson 8 req/s,
+#   3. lora-8b       (70 s) LoRA on 8B: mixed-batch / base throughput; swap p50/p99 from disk and host memory
+#   4. stack-1b      (80 s) 1B through the whole stack (router + NATS + batcher + worker), Poisson 8 req/s,
 #                           prompt 128-1024, output 64-256: TTFT p99, ITL p99
 #   5. inproc-1b     (50 s) the same load on the in-process engine: stack minus in-process TTFT p50
 # --full        then the long sweeps (engine on both shapes, serve rate sweeps, chat, static vs continuous
@@ -137,17 +139,19 @@ share() { echo $(( $1 * HEAD / HEADLINE_S )); }   # a step's share at 480 s, sca
 SV="$PY -m services.cli bench"
 LOAD_1B="--load poisson --request-rate 8 --num-requests 160 --input-len 128-1024 --output-len 64-256"
 
-step "engine-8b: bs1 decode + offline 1000x256/256" "$(share 340)" \
+step "cuda-checks: no host sync in a step, greedy vs HF, kernels compiled" "$(share 440)" \
+     $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_engine.py
+step "engine-8b: bs1 decode + offline 1000x256/256" "$(share 300)" \
      $SV engine --random-weights llama-8b --device cuda \
      --num-requests 1000 --prompt-len 256-256 --output-len 256-256 --max-num-seqs 256 \
      --max-num-batched-tokens 8192 --no-hf --no-llama-cpp --json "$OUT/engine-offline-llama-8b.json"
 figures engine-8b
-step "engine-1b-hf: ours vs HF generate" "$(share 240)" \
+step "engine-1b-hf: ours vs HF generate" "$(share 200)" \
      $SV engine --random-weights llama-1b --device cuda --num-requests 128 \
      --prompt-len 128-512 --output-len 64-128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
      --no-llama-cpp --json "$OUT/engine-llama-1b-vs-hf.json"
 figures engine-1b-hf
-step "lora-8b: mixed batch, swaps" "$(share 150)" \
+step "lora-8b: mixed batch, swaps" "$(share 130)" \
      $SV lora --model random:llama-8b --device cuda --no-peft --swap-trials 20 --rounds 1 \
      --json "$OUT/lora-llama-8b.json"
 figures lora-8b

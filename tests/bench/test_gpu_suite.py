@@ -19,7 +19,8 @@ from bench import gpu_headlines
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-HEADLINE_CAPS = {"engine-8b": 140, "engine-1b-hf": 100, "lora-8b": 90, "stack-1b": 100, "inproc-1b": 50}
+HEADLINE_CAPS = {"cuda-checks": 40, "engine-8b": 140, "engine-1b-hf": 100, "lora-8b": 70, "stack-1b": 80,
+                 "inproc-1b": 50}
 
 
 def dry_run(*args: str, flag: bool = True) -> list[tuple[str, int, list[str]]]:
@@ -74,6 +75,8 @@ def test_headline_steps_fit_480_s_in_order(tmp_path, monkeypatch):
     steps = dry_run(str(tmp_path / "out"))
     assert [(n.split(":")[0], cap) for n, cap, _ in steps] == list(HEADLINE_CAPS.items())
     assert sum(cap for _, cap, _ in steps) == 480
+    checks = steps.pop(0)[2]                   # the CUDA checks run first, through pytest
+    assert checks[1:3] == ["-m", "pytest"] and (ROOT / checks[-1]).is_file()
     parsed = {n.split(":")[0]: parse(argv, monkeypatch) for n, _, argv in steps}
 
     what, a = parsed["engine-8b"]
@@ -112,8 +115,9 @@ def test_the_environment_variable_also_makes_a_dry_run():
 
 def test_full_adds_the_long_sweeps_after_the_headline_steps(monkeypatch):
     steps = dry_run("--full", "out")
-    assert [cap for _, cap, _ in steps[:5]] == list(HEADLINE_CAPS.values())
-    sweeps = steps[5:]
+    n = len(HEADLINE_CAPS)
+    assert [cap for _, cap, _ in steps[:n]] == list(HEADLINE_CAPS.values())
+    sweeps = steps[n:]
     assert len(sweeps) == 9 and all(cap == 1800 - 480 for _, cap, _ in sweeps)
     kinds = [parse(argv, monkeypatch)[0] for _, _, argv in sweeps]
     assert kinds.count("engine") == 2 and kinds.count("compare") == 2 and kinds.count("serve") == 5
