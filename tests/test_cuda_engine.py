@@ -29,8 +29,9 @@ def test_launching_a_step_never_waits_for_the_device():
     eng = _engine("tiny", "bfloat16")
     runner = eng.runner
     sp = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=1)
+    prompts = [[t % eng.loaded.config.vocab_size for t in p] for p in PROMPTS]
     prefill = StepPlan(1, new_requests=[NewRequestPlan(f"r{i}", p, len(p), 0, len(p), [4 * i, 4 * i + 1, 4 * i + 2],
-                                                       sp, i) for i, p in enumerate(PROMPTS)])
+                                                       sp, i) for i, p in enumerate(prompts)])
     decode = StepPlan(2, running=[RunningRequestPlan(f"r{i}", 1) for i in range(len(PROMPTS))])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
