@@ -144,6 +144,7 @@ class StepInputs:
         self._pack = device.type != "cpu" if pack is None else pack
         self.table = BlockTable(max_rows, max_blocks_per_seq, device, mirror=self._pack)
         self._stage: list[torch.Tensor] = []     # two pinned int64 buffers, used in turn
+        self._copied: list = [None, None]        # per buffer: the CUDA event of its last copy
         self._turn = 0
         self._row_params = self._new_row_params(self.table.rows)
         self.last_bytes = 0                      # bytes a step wrote into its input buffers
@@ -300,8 +301,13 @@ class StepInputs:
             n = max(1024, 1 << (total - 1).bit_length())
             pin = self.device.type == "cuda"
             self._stage = [torch.empty(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+            self._copied = [None, None]
         self._turn ^= 1
         stage = self._stage[self._turn]
+        if self._copied[self._turn] is not None:
+            # This buffer fed the step before last: its copy is almost surely done (that step's
+            # tokens were read), but a caller that launches further ahead must not overwrite it early.
+            self._copied[self._turn].synchronize()
         buf = stage.numpy()
         off = 0
         for a in ints:
@@ -311,7 +317,12 @@ class StepInputs:
             w = -(-a.size // 2)
             buf[off:off + w].view(np.float32)[:a.size] = a
             off += w
-        dev = stage[:total].to(self.device, non_blocking=True) if self.device.type != "cpu" else stage[:total].clone()
+        if self.device.type == "cuda":
+            dev = stage[:total].to(self.device, non_blocking=True)
+            ev = self._copied[self._turn] = torch.cuda.Event()
+            ev.record()
+        else:
+            dev = stage[:total].clone()
         out, off = [], 0
         for a, w in zip(ints, sizes):
             out.append(dev[off:off + w])
