@@ -5,7 +5,9 @@ The router sends ModelControl "load_adapter" / "unload_adapter" on sy.ctl.<worke
 it is admitted and advertised in a heartbeat published at once. Unload: it stops being admitted and
 advertised at once (new requests get NOT_FOUND), the requests already accepted for it finish, then
 the worker forgets it (Worker/UnloadAdapter). Operations on one adapter run one at a time, in the
-order they arrived; different adapters do not wait for each other.
+order they arrived; different adapters do not wait for each other. The wait for accepted requests
+is woken by `requests_changed()`, which the batcher calls whenever a request leaves (finished,
+aborted, failed): no polling.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
+from services.waiting import Pulse
 from workers.engine.errors import UnknownAdapterError
 
 log = logging.getLogger("switchyard.batcher")
@@ -23,7 +26,6 @@ log = logging.getLogger("switchyard.batcher")
 LOAD_TIMEOUT_S = 30.0         # the worker reads and validates the file
 UNLOAD_DRAIN_S = 60.0         # default wait for accepted requests (ModelControl.timeout_s overrides)
 WORKER_CALL_TIMEOUT_S = 10.0
-POLL_S = 0.05
 
 
 def reply(ok: bool = True, code: str = "", error: str = "", adapters=(), host_bytes: int = 0
@@ -32,8 +34,9 @@ def reply(ok: bool = True, code: str = "", error: str = "", adapters=(), host_by
 
 
 class BatcherAdapters:
-    """`in_use(name)` counts the accepted (waiting or running) requests for an adapter;
-    `publish_heartbeat` announces a change; `worker_id` names the worker in messages."""
+    """`in_use(name)` counts the accepted (waiting or running) requests for an adapter (the owner
+    calls `requests_changed()` when that may have dropped); `publish_heartbeat` announces a change;
+    `worker_id` names the worker in messages."""
 
     def __init__(self, worker_id: str, channel: grpc.aio.Channel, in_use: Callable[[str], int],
                  publish_heartbeat: Callable[[], Awaitable[None]]):
@@ -45,6 +48,7 @@ class BatcherAdapters:
         self._unloading: set[str] = set()      # held, but no longer admitted (draining)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._released = Pulse()               # fired by requests_changed()
 
     # ---- what requests may use -----------------------------------------------------------------
     def reset(self, names) -> None:
@@ -62,25 +66,30 @@ class BatcherAdapters:
         raise UnknownAdapterError(f"adapter {adapter_id!r} is not served by worker {self.worker_id}{why}; "
                                   f"known adapters: {', '.join(self.advertised()) or 'none'}")
 
+    def requests_changed(self) -> None:
+        """An accepted request left (finished, aborted, failed): an unload waiting for it re-counts."""
+        self._released.fire()
+
     # ---- control -------------------------------------------------------------------------------
-    def handle(self, ctl: bus_pb2.ModelControl, answer: Callable[[bus_pb2.ModelControlReply], Awaitable[None]]) -> None:
+    def start(self, ctl: bus_pb2.ModelControl) -> asyncio.Task:
         """Run a load_adapter / unload_adapter in its own task (an unload may wait a long time for
-        requests to finish; other control messages must not queue behind it) and answer when done."""
-        async def run() -> None:
+        requests to finish; other control messages must not queue behind it); the task's result is
+        the reply."""
+        async def run() -> bus_pb2.ModelControlReply:
             try:
                 if not ctl.adapter:
-                    out = reply(False, "INVALID_ARGUMENT", f"{ctl.action} needs an adapter name")
-                elif ctl.action == "load_adapter":
-                    out = await self.load(ctl.adapter, ctl.path, ctl.timeout_s or LOAD_TIMEOUT_S)
-                else:
-                    out = await self.unload(ctl.adapter, ctl.timeout_s or UNLOAD_DRAIN_S)
-            except Exception as e:   # answer rather than leave the caller to time out
-                log.exception("%s %s failed", ctl.action, ctl.adapter)
-                out = reply(False, "INTERNAL", f"{ctl.action} {ctl.adapter!r} on worker {self.worker_id}: {e}")
-            await answer(out)
+                    return reply(False, "INVALID_ARGUMENT", f"{ctl.action} needs an adapter name")
+                if ctl.action == "load_adapter":
+                    return await self.load(ctl.adapter, ctl.path, ctl.timeout_s or LOAD_TIMEOUT_S)
+                return await self.unload(ctl.adapter, ctl.timeout_s or UNLOAD_DRAIN_S)
+            except Exception as e:   # a bug here: log it, and answer rather than leave the caller to time out
+                log.exception("%s %r on worker %s failed", ctl.action, ctl.adapter, self.worker_id)
+                return reply(False, "INTERNAL", f"{ctl.action} {ctl.adapter!r} on worker {self.worker_id}: "
+                                                f"{type(e).__name__}: {e}")
         t = asyncio.create_task(run(), name=f"batcher-{ctl.action}")
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -119,10 +128,9 @@ class BatcherAdapters:
                 if name not in self._served:
                     return reply(False, "NOT_FOUND", f"adapter {name!r} is not served by worker {self.worker_id}",
                                  self.advertised())
-                # Accepted requests finish first: nothing accepted is lost. Polled, not signalled, so
-                # the step loop carries no per-request work for this.
-                while self._in_use(name):
-                    await asyncio.sleep(POLL_S)
+                # Accepted requests finish first: nothing accepted is lost. Re-counted each time one
+                # leaves (requests_changed), never on a timer.
+                await self._released.wait_for(lambda: not self._in_use(name))
                 try:
                     r = await self._stub.UnloadAdapter(worker_pb2.WorkerAdapterRequest(name=name),
                                                        timeout=WORKER_CALL_TIMEOUT_S)

@@ -4,6 +4,8 @@ EngineCore joins the scheduler (which request runs, in which blocks) to a runner
 StepPlan) and turns sampled tokens into RequestOutputs: incremental text, stop conditions,
 finish reasons and timings. The in-process Engine gives it a local ModelRunner; the batcher
 service gives it the worker's `Worker/Step` stream and drives `schedule()`/`process()` itself.
+Both build theirs with `build_engine_core` (the KV geometry from the runner, the limits from their
+config), so the allocator + scheduler + core assembly exists once.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, Protocol
 
 from batcher.request import Request, RequestStatus
 from batcher.scheduler import QueueFullError, Scheduler, SchedulerStats  # noqa: F401 (re-export)
+from kv_manager.block_allocator import BlockAllocator
 from kv_manager.events import KvEvent
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.errors import InvalidRequestError
@@ -23,6 +26,15 @@ from workers.engine.sampling_params import SamplingParams
 
 class StepRunner(Protocol):
     def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+class SchedulerLimits(Protocol):
+    """The scheduling settings both EngineConfig (in-process) and StackConfig (the batcher) carry."""
+    enable_prefix_caching: bool
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_waiting: int
+    max_loras: int
 
 
 @dataclass
@@ -180,3 +192,15 @@ class EngineCore:
         return EngineStats(**vars(s), prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total,
                            steps_total=self.steps_total)
+
+
+def build_engine_core(limits: SchedulerLimits, *, num_blocks: int, block_size: int, max_model_len: int,
+                      runner: StepRunner | None, tokenizer, eos_token_ids: list[int] | None = None,
+                      seed: int = 0) -> EngineCore:
+    """Allocator (sized from the runner's KV cache) + scheduler (limits from the config) + EngineCore.
+    `runner` None: the caller drives schedule()/process() itself (the batcher service)."""
+    allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching=limits.enable_prefix_caching)
+    scheduler = Scheduler(allocator, max_num_seqs=limits.max_num_seqs,
+                          max_num_batched_tokens=limits.max_num_batched_tokens, max_model_len=max_model_len,
+                          max_waiting=limits.max_waiting, max_loras=limits.max_loras)
+    return EngineCore(scheduler, runner, tokenizer, eos_token_ids=eos_token_ids, seed=seed)

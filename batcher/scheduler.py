@@ -17,15 +17,8 @@ from dataclasses import dataclass, field
 from batcher.request import Request, RequestStatus
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.block_hash import block_hashes
+from workers.engine.errors import QueueFullError
 from workers.engine.plan import NewRequestPlan, RunningRequestPlan, StepPlan
-
-
-class QueueFullError(Exception):
-    """The waiting queue is at its bound; the caller should retry after `retry_after_ms`."""
-
-    def __init__(self, message: str, retry_after_ms: int):
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
 
 
 @dataclass

@@ -4,9 +4,11 @@ Loop, per engine step:  plan = core.schedule(); send it; outputs = core.process(
 TokenChunk per request; one KvEventBatch for the step. With `step_pipeline` the next plan is
 scheduled and sent while the worker still runs the current one (batcher/step_timing.py says
 when), so the worker goes from step to step without waiting for this process.
-Requests are admitted (or rejected) in the NATS callback the moment they arrive, so a full queue
-is answered at once. Cancels are applied between steps, never while a plan is on the wire.
-When there is no work the loop sleeps on an event (no polling).
+The NATS side (admission and rejects, cancels, ModelControl, heartbeats, KV events, drain) is
+batcher/nats_edge.py, shared with the pass-through batcher; this class is its host. Requests are
+admitted (or rejected) in the NATS callback the moment they arrive, so a full queue is answered at
+once. Cancels are applied between steps, never while a plan is on the wire, and each one's future
+resolves when it has been applied. When there is no work the loop sleeps on an event (no polling).
 """
 from __future__ import annotations
 
@@ -18,29 +20,28 @@ from dataclasses import dataclass
 
 import grpc
 import nats
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from batcher.adapters import BatcherAdapters
 from batcher.admission_window import AdmissionWindow
-from batcher.engine_core import EngineCore, RequestOutput
-from batcher.scheduler import QueueFullError, Scheduler
+from batcher.engine_core import EngineCore, RequestOutput, build_engine_core
+from batcher.nats_edge import NatsEdge
 from batcher.step_timing import StepTimer
-from kv_manager.block_allocator import BlockAllocator
 from kv_manager.events import CLEARED, KvEvent
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
 from services import rpc, subjects
-from services.bus_codec import FINISH_TO_PB, kv_events_to_proto
+from services.bus_codec import FINISH_TO_PB
 from services.config import StackConfig
+from services.waiting import wait_set
 from telemetry import tracing
 from telemetry.metrics import BatcherMetrics
-from workers.engine.errors import InvalidRequestError, UnknownAdapterError
 from workers.engine.plan import StepPlan, StepResult
 from workers.step_codec import plan_to_proto, result_from_proto, sampling_from_proto
 
 log = logging.getLogger("switchyard.batcher")
 
-
-_REJECT_REASONS = {bus_pb2.CHUNK_ERROR_QUEUE_FULL: "queue_full", bus_pb2.CHUNK_ERROR_INVALID: "invalid",
-                   bus_pb2.CHUNK_ERROR_UNAVAILABLE: "unavailable", bus_pb2.CHUNK_ERROR_INTERNAL: "internal"}
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name   # its health status name
+RECONNECT_BACKOFF_S = 1.0    # after a failed reconnect, before the next
 
 
 class WorkerLostError(RuntimeError):
@@ -121,52 +122,76 @@ class BatcherService:
             self._spans = BatcherSpans(self.worker_id)
         self.worker_addr = worker_addr
         self.nc = nc
+        # The NATS side: requests, cancels, control, heartbeats, KV events, drain (batcher/nats_edge.py).
+        self.edge = NatsEdge(nc, self.worker_id, self, heartbeat_interval_s=cfg.heartbeat_interval_s,
+                             metrics=self.metrics, spans=self._spans)
         self._load_tokenizer = tokenizer_loader
         self._channel = rpc.channel(worker_addr, cfg.max_message_bytes)
         self.remote = RemoteRunner(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         # LoRA adapters admitted and advertised (the worker's list, changed at run time by ModelControl)
-        self.adapters = BatcherAdapters(self.worker_id, self._channel, self._adapter_in_use, self._publish_heartbeat)
+        self.adapters = BatcherAdapters(self.worker_id, self._channel, self._adapter_in_use,
+                                        self.edge.publish_heartbeat)
         self.core: EngineCore | None = None
         self.model = ""
         self.info = None
         self.healthy = False
-        self.draining = False
-        self.unloaded = False                     # ModelControl "unload": not routable, requests rejected
-        self._reply: dict[str, str] = {}          # request id -> reply subject
-        self._aborts: list[str] = []
+        self._aborts: dict[str, asyncio.Future] = {}   # cancels for the step loop; resolved once applied
         self._kv_events: list[KvEvent] = []
-        self._kv_seq = 0
-        self._hb_seq = 0
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._timer = StepTimer()
         self._window = AdmissionWindow(cfg.admission_window_ms / 1000)
         self._tasks: list[asyncio.Task] = []
-        self._subs = []
         self._tokenizer = None
 
     # ---- start / stop ----------------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.edge.draining
+
+    @property
+    def unloaded(self) -> bool:
+        return self.edge.unloaded
+
     async def start(self, ready_timeout: float = 300.0) -> None:
         await self._connect_worker(ready_timeout)
-        self._subs.append(await self.nc.subscribe(subjects.request(self.worker_id), cb=self._on_request))
-        self._subs.append(await self.nc.subscribe(subjects.ALL_CANCELS, cb=self._on_cancel))
-        self._subs.append(await self.nc.subscribe(subjects.control(self.worker_id), cb=self._on_control))
-        self._tasks = [asyncio.create_task(self._run(), name="batcher-loop"),
-                       asyncio.create_task(self._heartbeat_loop(), name="batcher-heartbeat")]
-        await self._publish_heartbeat()
+        await self.start_serving()
 
-    async def _connect_worker(self, timeout: float) -> None:
-        """Wait for the worker to be ready, then size the allocator from its KV cache and open Step."""
-        deadline = time.monotonic() + timeout
+    async def start_serving(self) -> None:
+        """The step loop and the NATS edge, once a worker is connected (`core` and `remote` set)."""
+        self._tasks = [asyncio.create_task(self._run(), name="batcher-loop")]
+        await self.edge.start()
+
+    async def _worker_serving(self, timeout: float | None) -> None:
+        """Until the worker's grpc.health.v1 status is SERVING (set once its model is loaded and warm).
+        A Watch stream: the change arrives when it happens; a worker not listening yet (or restarting)
+        is waited for by the channel (wait_for_ready). TimeoutError after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        req = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
         while True:
-            try:
-                info = await self.remote.info(timeout=2.0)
-                if info.ready:
-                    break
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 raise TimeoutError(f"worker {self.worker_id} at {self.worker_addr} not ready after {timeout:.0f}s")
-            await asyncio.sleep(0.2)
+            call = self._health.Watch(req, timeout=left, wait_for_ready=True)
+            try:
+                async for status in call:
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue   # the deadline check above answers
+                if e.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+                    raise   # not a Switchyard worker: waiting will not help
+                log.debug("worker %s health watch: %s; watching again", self.worker_id, e.code())
+            finally:
+                call.cancel()
+
+    async def _connect_worker(self, timeout: float | None) -> None:
+        """Wait for the worker to be ready, then size the allocator from its KV cache and open Step."""
+        await self._worker_serving(timeout)
+        info = await self.remote.info(timeout=5.0)
         self.info = info
         if self._tokenizer is None or info.model != self.model:
             loader = self._load_tokenizer
@@ -177,14 +202,9 @@ class BatcherService:
         self.adapters.reset(info.adapters)   # after a worker restart: its start-up adapters only
         self.metrics.relabel(info.model)
         self.metrics.reset_totals()   # a fresh core counts its totals from zero
-        cfg = self.cfg
-        allocator = BlockAllocator(info.num_blocks, info.block_size,
-                                   enable_prefix_caching=cfg.enable_prefix_caching)
-        scheduler = Scheduler(allocator, max_num_seqs=cfg.max_num_seqs,
-                              max_num_batched_tokens=cfg.max_num_batched_tokens,
-                              max_model_len=info.max_model_len, max_waiting=cfg.max_waiting,
-                              max_loras=cfg.max_loras)
-        self.core = EngineCore(scheduler, None, self._tokenizer)
+        # The worker's engine settings (the same [engine] table) and its KV cache's geometry.
+        self.core = build_engine_core(self.cfg.engine, num_blocks=info.num_blocks, block_size=info.block_size,
+                                      max_model_len=info.max_model_len, runner=None, tokenizer=self._tokenizer)
         self.core.adapter_check = self.adapters.check
         self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
@@ -197,108 +217,69 @@ class BatcherService:
         self._kv_events.append(event)
 
     async def drain(self, grace: float) -> None:
-        """Stop admitting, let running requests finish (up to grace seconds), abort the rest."""
-        self.draining = True
-        await self._publish_heartbeat()
-        deadline = time.monotonic() + grace
-        while self._reply and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for rid in list(self._reply):
-            self._aborts.append(rid)
-        self._wake.set()
-        await asyncio.sleep(0.1)
+        """Stop admitting, let running requests finish (up to grace seconds), abort the rest
+        (returns once the step loop has applied those aborts)."""
+        await self.edge.drain(grace)
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+        self._stop.set()
+        await self.edge.stop()
         await self.adapters.stop()
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        for t, out in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True)):
+            if isinstance(out, Exception):
+                log.error("batcher task %s had failed: %r", t.get_name(), out, exc_info=out)
+        for fut in self._aborts.values():
+            fut.cancel()
+        self._aborts.clear()
         self.remote.close()
         await self._channel.close()
 
-    # ---- NATS callbacks ----------------------------------------------------------------------
-    async def _on_request(self, msg) -> None:
-        req = bus_pb2.BatchRequest.FromString(msg.data)
-        reply = req.reply_subject or subjects.tokens(req.request_id)
-        span = self._spans.receive(msg, req) if self._spans is not None else None
-        if not self.healthy or self.draining or self.core is None or self.unloaded:
-            why = "draining" if self.draining else "unloaded" if self.unloaded else "its worker is not available"
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
-                               f"worker {self.worker_id} is {why}; retry", span=span)
-            return
-        if req.deadline_unix_ms and req.deadline_unix_ms <= time.time() * 1000:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "deadline already passed",
-                               reason="deadline", span=span)
-            return
-        try:
-            self.core.add_request(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
-                                  priority=req.priority, adapter_id=req.adapter_id or None)
-        except QueueFullError as e:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_QUEUE_FULL, str(e),
-                               retry_after_ms=e.retry_after_ms, span=span)
-            return
-        except InvalidRequestError as e:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_INVALID, str(e), field=e.field, span=span)
-            return
-        except UnknownAdapterError as e:
-            await self._reject(reply, req.request_id, bus_pb2.CHUNK_ERROR_NOT_FOUND, str(e), field="adapter_id",
-                               reason="not_found", span=span)
-            return
-        self._reply[req.request_id] = reply
+    # ---- the edge's host (batcher/nats_edge.py) ----------------------------------------------
+    def unavailable_reason(self) -> str:
+        return "its worker is not available"
+
+    def admit(self, req: bus_pb2.BatchRequest, reply: str) -> None:
+        """Validate and queue (EngineError: nothing queued); the step loop takes it from here."""
+        core = self.core
+        if core is None:   # the edge admits only while healthy, and a lost worker clears both
+            raise RuntimeError(f"worker {self.worker_id}: admit without an engine core")
+        core.add_request(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
+                         priority=req.priority, adapter_id=req.adapter_id or None)
         self._priority[req.request_id] = req.priority
-        if span is not None:
-            self._spans.admitted(span, req.request_id, self.model, len(req.prompt_token_ids))
         self._wake.set()
 
-    async def _on_control(self, msg) -> None:
-        """Model load/unload (Triton front door's repository API). Unload stops serving; the worker keeps
-        its weights resident until the model pool can free them. LoRA adapter load/unload: batcher/adapters.py."""
-        ctl = bus_pb2.ModelControl.FromString(msg.data)
+    def cancel(self, request_id: str) -> asyncio.Future:
+        """Queue an abort for the step loop, which applies it between steps; the future resolves then."""
+        fut = self._aborts.get(request_id)
+        if fut is None:
+            fut = self._aborts[request_id] = asyncio.get_running_loop().create_future()
+            self._wake.set()
+        return fut
+
+    async def control(self, ctl: bus_pb2.ModelControl) -> bus_pb2.ModelControlReply | asyncio.Future:
+        """Model load/unload (Triton front door's repository API, the model pool). Unload stops serving;
+        the worker keeps its weights resident until the model pool can free them. LoRA adapter
+        load/unload go on in the background (batcher/adapters.py)."""
         if ctl.action in ("load_adapter", "unload_adapter"):
-            async def answer(out: bus_pb2.ModelControlReply) -> None:
-                if msg.reply:
-                    await self.nc.publish(msg.reply, out.SerializeToString())
-            self.adapters.handle(ctl, answer)
-            return
+            return self.adapters.start(ctl)
         ok = ctl.action in ("load", "unload") and (not ctl.model or ctl.model == self.model)
         if ok:
-            self.unloaded = ctl.action == "unload"
-            await self._publish_heartbeat()
+            self.edge.unloaded = ctl.action == "unload"
+            await self.edge.publish_heartbeat()
         err = "" if ok else f"cannot {ctl.action!r} model {ctl.model!r} on worker {self.worker_id} ({self.model!r})"
-        if msg.reply:
-            await self.nc.publish(msg.reply, bus_pb2.ModelControlReply(ok=ok, error=err).SerializeToString())
+        return bus_pb2.ModelControlReply(ok=ok, error=err)
 
-    async def _on_cancel(self, msg) -> None:
-        rid = subjects.last_token(msg.subject)
-        if rid in self._reply:  # every batcher hears every cancel; only the owner acts
-            self._aborts.append(rid)
-            self._wake.set()
-
-    async def _reject(self, reply: str, rid: str, error: int, message: str, *, retry_after_ms: int = 0,
-                      field: str = "", reason: str = "", span=None) -> None:
-        reason = reason or _REJECT_REASONS.get(error, "internal")
-        self.metrics.reject(reason)
-        if span is not None:
-            self._spans.rejected(span, reason, message)
-        chunk = bus_pb2.TokenChunk(request_id=rid, error=error, error_message=message,
-                                   retry_after_ms=retry_after_ms, error_field=field)
-        await self.nc.publish(reply, chunk.SerializeToString())
+    async def before_heartbeat(self) -> None:
+        pass   # the worker's health shows in the Step stream, not here
 
     # ---- the step loop -------------------------------------------------------------------------
     async def _run(self) -> None:
-        chunks: list[tuple[str, bytes]] = []   # the last result's chunks, published while the worker computes
+        chunks: list[tuple[str, bytes, str | None]] = []   # the last result's chunks, sent while the worker computes
         inflight: deque[_InFlight] = deque()    # plans at the worker, oldest first (at most two)
         reading: asyncio.Future | None = None   # the read of the oldest plan's result
-        while True:
+        while not self._stop.is_set():
             core = self.core
             if core is None or not self.healthy:
                 if reading is not None:
@@ -323,12 +304,10 @@ class BatcherService:
                     continue
                 plan = core.schedule()
                 if plan.is_empty and not plan.finished_ids:
-                    # Waiting work that cannot be scheduled yet: wait for a change instead of spinning.
+                    # Waiting work that cannot be scheduled while nothing is at the worker: only a new
+                    # request or an abort changes that, and both set _wake.
                     self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=0.05)
-                    except asyncio.TimeoutError:
-                        pass
+                    await self._wake.wait()
                     continue
                 await self._send(plan, inflight)
             # A plan is at the worker: publish the previous step's tokens while it computes, so NATS
@@ -376,33 +355,44 @@ class BatcherService:
         except WorkerLostError:
             pass   # the pending read fails the same way and handles it
 
-    async def _publish_step(self, chunks: list[tuple[str, bytes]]) -> None:
+    async def _publish_step(self, chunks: list[tuple[str, bytes, str | None]]) -> None:
+        """Publish a step's chunks; a stream whose last chunk this is ends once it is out."""
         publish = self.nc.publish
-        for subject, data in chunks:
+        for subject, data, last_of in chunks:
             await publish(subject, data)
+            if last_of is not None:
+                self._end(last_of)
         await self._flush_kv_events()
 
+    def _end(self, rid: str) -> None:
+        if self.edge.end(rid) is not None:
+            self.adapters.requests_changed()   # an adapter unload may be waiting for this request
+
     def _apply_aborts(self) -> None:
+        """Abort the cancelled requests (blocks back to the allocator) and confirm each cancel."""
         if not self._aborts or self.core is None:
             return
-        aborts, self._aborts = self._aborts, []
-        for rid in aborts:
-            if self._reply.pop(rid, None) is not None:
-                self.core.abort(rid)
+        aborts, self._aborts = self._aborts, {}
+        for rid, applied in aborts.items():
+            if self.core.abort(rid):   # False: it finished meanwhile (its last chunk may still be going out)
                 self._priority.pop(rid, None)
                 self._cost_base.pop(rid, None)
                 if self._spans is not None:
                     self._spans.abort(rid)
+            self._end(rid)
+            if not applied.done():
+                applied.set_result(None)
 
-    def _encode_outputs(self, outputs: list[RequestOutput]) -> list[tuple[str, bytes]]:
+    def _encode_outputs(self, outputs: list[RequestOutput]) -> list[tuple[str, bytes, str | None]]:
         """One TokenChunk per request that produced tokens this step, with usage, cost, metrics
-        and spans settled now (at the step's end); only the sending is deferred."""
-        chunks: list[tuple[str, bytes]] = []
-        reply = self._reply
+        and spans settled now (at the step's end); only the sending is deferred. The third item
+        is the request id when the chunk is its stream's last."""
+        chunks: list[tuple[str, bytes, str | None]] = []
+        streams = self.edge.streams
         cost = self.metrics.cost
         spans = self._spans if self._spans is not None and self._spans.reqs else None
         for o in outputs:
-            subject = reply.get(o.request_id)
+            subject = streams.get(o.request_id)
             if subject is None:
                 continue
             if o.num_output_tokens == 1:   # its first token: the cost share starts here
@@ -411,7 +401,6 @@ class BatcherService:
             if o.logprobs:
                 chunk.logprobs.extend(o.logprobs)
             if o.finished:
-                del reply[o.request_id]
                 chunk.finish_reason = FINISH_TO_PB.get(o.finish_reason, 0)
                 u = chunk.usage
                 u.prompt_tokens = o.num_prompt_tokens
@@ -429,56 +418,49 @@ class BatcherService:
                     spans.output(o, u.cost_usd)
             elif spans is not None:
                 spans.output(o)
-            chunks.append((subject, chunk.SerializeToString()))
+            chunks.append((subject, chunk.SerializeToString(), o.request_id if o.finished else None))
         return chunks
 
     async def _flush_kv_events(self) -> None:
-        if not self._kv_events:
-            return
-        events, self._kv_events = self._kv_events, []
-        self._kv_seq += 1
-        batch = kv_events_to_proto(self.worker_id, self._kv_seq, events)
-        await self.nc.publish(subjects.kv_events(self.worker_id), batch.SerializeToString())
+        if self._kv_events:
+            events, self._kv_events = self._kv_events, []
+            await self.edge.publish_kv(events)
 
     async def _on_worker_lost(self, why: str) -> None:
         """Fail every in-flight request with UNAVAILABLE at once; then try to reconnect."""
         log.error("worker %s lost: %s", self.worker_id, why)
         self.healthy = False
         self.core = None
-        await self._publish_heartbeat()
-        for rid, reply in list(self._reply.items()):
-            await self._reject(reply, rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
-                               f"worker {self.worker_id} failed mid-request ({why}); retry", reason="worker_lost")
-        self._reply.clear()
+        await self.edge.publish_heartbeat()
+        for rid in list(self.edge.streams):
+            await self.edge.fail(rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
+                                 f"worker {self.worker_id} failed mid-request ({why}); retry", reason="worker_lost")
+        for applied in self._aborts.values():   # those requests went with the worker
+            if not applied.done():
+                applied.set_result(None)
         self._aborts.clear()
         self._priority.clear()
         self._cost_base.clear()
+        self.adapters.requests_changed()
         if self._spans is not None:
             self._spans.fail_all(f"worker lost: {why}")
         self._kv_events = [KvEvent(CLEARED, [], block_size=self.info.block_size if self.info else 0)]
         await self._flush_kv_events()
 
     async def _reconnect(self) -> None:
+        """Wait for the worker to serve again (it restarts, or a failed Step stream is reopened)."""
         try:
-            await self._connect_worker(timeout=1.0)
+            await self._connect_worker(timeout=None)
             log.warning("worker %s reconnected", self.worker_id)
-        except (TimeoutError, grpc.aio.AioRpcError):
-            await asyncio.sleep(1.0)
+        except grpc.aio.AioRpcError as e:   # it went away again between SERVING and Health: start over
+            log.warning("worker %s not back: %s", self.worker_id, e.code())
+            await wait_set(self._stop, RECONNECT_BACKOFF_S)   # backoff, cut short by stop()
 
-    # ---- heartbeat ---------------------------------------------------------------------------
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval_s)
-            try:
-                await self._publish_heartbeat()
-            except Exception:  # NATS reconnecting: the next beat will do
-                log.debug("heartbeat failed", exc_info=True)
-
+    # ---- heartbeat: the edge publishes it, this adds the engine's part -------------------------
     def heartbeat(self) -> bus_pb2.Heartbeat:
-        self._hb_seq += 1
-        hb = bus_pb2.Heartbeat(worker_id=self.worker_id, model=self.model, healthy=self.healthy and not self.unloaded,
-                               draining=self.draining, seq=self._hb_seq,
-                               interval_ms=int(self.cfg.heartbeat_interval_s * 1000))
+        return self.edge.heartbeat()
+
+    def fill_heartbeat(self, hb: bus_pb2.Heartbeat) -> None:
         if self.info is not None:
             hb.block_size = self.info.block_size
             hb.max_model_len = self.info.max_model_len
@@ -496,14 +478,10 @@ class BatcherService:
             hb.prompt_tokens_total = s.prompt_tokens_total
             hb.generation_tokens_total = s.generation_tokens_total
             self.metrics.update_from_stats(s)
-        return hb
 
     def _adapter_in_use(self, adapter_id: str) -> int:
-        """Accepted requests (waiting or running) for an adapter; only polled while it is unloaded."""
+        """Accepted requests (waiting or running) for an adapter; counted while it is being unloaded."""
         core = self.core
         if core is None:   # worker lost: its requests were failed already
             return 0
         return sum(1 for r in core.scheduler.requests.values() if r.adapter_id == adapter_id)
-
-    async def _publish_heartbeat(self) -> None:
-        await self.nc.publish(subjects.heartbeat(self.worker_id), self.heartbeat().SerializeToString())

@@ -243,7 +243,8 @@ def run(args) -> dict:
     cfg = stack_config(args.model, args.config, **stack_overrides(args))
     with local_stack(cfg) as stack:
         rep = asyncio.run(_amain(args, stack.router_address))
-    rep["stack_config"] = {k: v for k, v in cfg.to_dict().items()
+    flat = {**cfg.to_dict(), **cfg.to_dict()["engine"]}   # engine keys side by side with the stack's
+    rep["stack_config"] = {k: v for k, v in flat.items()
                            if k in ("workers", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_waiting",
                                     "max_num_batched_tokens", "routing_policy", "device", "enable_prefix_caching")}
     return rep

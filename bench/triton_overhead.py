@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from contextlib import ExitStack
 
     from bench.common import local_stack
-    from services.config import StackConfig
+    from services.config import load_config
     small = dict(num_kv_blocks=256, max_model_len=512, max_num_seqs=8, drain_grace_s=2.0, model=args.model,
                  router_port=0, nats_port=0, kv_manager_port=0, worker_base_port=0)
     with ExitStack() as stacks:
-        b = stacks.enter_context(local_stack(StackConfig(workers=1, triton_port=0, **small)))
+        b = stacks.enter_context(local_stack(load_config(None, workers=1, triton_port=0, **small)))
         b_triton = f"{b.cfg.host}:{b.cfg.triton_port}"
-        a = stacks.enter_context(local_stack(StackConfig(workers=1, backend="triton", backend_url=b_triton,
+        a = stacks.enter_context(local_stack(load_config(None, workers=1, backend="triton", backend_url=b_triton,
                                                          backend_model=args.model, **small)))
         paths = {"native": lambda: native(b.router_address, args.model, args.max_tokens),
                  "triton_front": lambda: triton(b_triton, args.model, args.max_tokens),

@@ -11,12 +11,17 @@ import logging
 import time
 from dataclasses import dataclass
 
+import nats.errors
+
 from kv_manager.index import KvIndex
 from protos.switchyard.v1 import bus_pb2, kv_index_pb2, kv_index_pb2_grpc
 from services import subjects
 from services.bus_codec import kv_events_from_proto
+from services.waiting import wait_set
 
 log = logging.getLogger("switchyard.kv_manager")
+
+REAP_EVERY_S = 0.25
 
 
 @dataclass
@@ -39,6 +44,7 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         self._kv_seq: dict[str, int] = {}
         self._subs = []
         self._reaper: asyncio.Task | None = None
+        self._stop = asyncio.Event()
 
     async def start(self, nc) -> None:
         self._subs = [await nc.subscribe(subjects.ALL_KV_EVENTS, cb=self._on_kv),
@@ -46,13 +52,14 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         self._reaper = asyncio.create_task(self._reap_loop())
 
     async def stop(self) -> None:
+        self._stop.set()
         if self._reaper:
             self._reaper.cancel()
         for s in self._subs:
             try:
                 await s.unsubscribe()
-            except Exception:
-                pass
+            except nats.errors.Error as e:   # closed or draining already: nothing more arrives
+                log.debug("unsubscribe: %r", e)
 
     # ---- NATS ------------------------------------------------------------------------------
     async def _on_kv(self, msg) -> None:
@@ -72,8 +79,8 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         self.workers[hb.worker_id] = WorkerState(hb, time.monotonic())
 
     async def _reap_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
+        # A worker's silence is no event: look for silent ones every REAP_EVERY_S, until stop().
+        while not await wait_set(self._stop, REAP_EVERY_S):
             self.reap()
             self._update_gauges()
 

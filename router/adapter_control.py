@@ -30,6 +30,7 @@ from router.admin_auth import check_admin
 from router.validation import RequestError, invalid
 from services import subjects
 from services.catalog import split_served
+from services.waiting import wait_set
 
 log = logging.getLogger("switchyard.router.adapters")
 
@@ -39,8 +40,7 @@ UNLOAD_DRAIN_S = 60.0         # default wait for accepted requests using the ada
 RECONCILE_S = 1.0
 SETTLE_S = 2.0                # after a push: no re-push until heartbeats had time to show it
 RETRY_S = 5.0                 # after a failed push (an adapter that worker cannot serve: do not spin)
-WAIT_POLL_S = 0.05            # a request for a registered adapter not served yet polls this often ...
-WAIT_MAX_S = 10.0             # ... for at most this long (and never past its deadline)
+WAIT_MAX_S = 10.0             # a request for a registered adapter not served yet waits this long at most
 
 
 def plan_pushes(entries: Iterable[AdapterEntry], heartbeats: Iterable[bus_pb2.Heartbeat],
@@ -83,7 +83,7 @@ class AdapterControl:
     def add_config_adapters(self) -> None:
         """StackConfig.lora_adapters: every worker starts with them; registered so restarted workers and
         later replicas get them back too."""
-        for name, path in (self.router.cfg.lora_adapters or {}).items():
+        for name, path in (self.router.cfg.engine.lora_adapters or {}).items():
             if name not in self.registry:
                 self.registry.add(AdapterEntry(name, self.router.cfg.model, str(path), origin="config"))
 
@@ -101,15 +101,12 @@ class AdapterControl:
     # ---- reconciliation ------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), RECONCILE_S)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(self._wake, RECONCILE_S)   # a new worker or a waiting request; else every second
             self._wake.clear()
             try:
                 self.reconcile()
-            except Exception:   # the loop must survive; the next round retries
-                log.exception("adapter reconcile failed")
+            except Exception:  # noqa: BLE001 - a bug: logged; the loop must survive, the next round retries
+                log.exception("adapter reconcile failed (registry %s)", sorted(self.names()))
 
     def reconcile(self) -> None:
         now = time.monotonic()
@@ -171,12 +168,11 @@ class AdapterControl:
         if entry is None or not entry.serves_on(model) or self._served(model, adapter_id):
             return
         remaining = context.time_remaining() if context is not None else None
-        deadline = time.monotonic() + min(WAIT_MAX_S, remaining if remaining is not None else math.inf)
-        self._wake.set()
-        while time.monotonic() < deadline and adapter_id in self.registry:
-            await asyncio.sleep(WAIT_POLL_S)
-            if self._served(model, adapter_id):
-                return
+        self._wake.set()   # reconcile now: push it to the workers that lack it
+        # Re-checked on every heartbeat the table takes in (and stops if an unload takes it away).
+        await self.router.table.changed.wait_for(
+            lambda: adapter_id not in self.registry or self._served(model, adapter_id),
+            min(WAIT_MAX_S, remaining if remaining is not None else math.inf))
 
     def _served(self, model: str, adapter_id: str) -> bool:
         return any(adapter_id in w.heartbeat.adapters for w in self.router.table.routable(model))

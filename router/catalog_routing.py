@@ -12,7 +12,8 @@ model with `adapter_id` set. The decision goes to the client as initial metadata
 active span. The request is then rewritten to the served name `<model>@<version>` of a version
 with routable replicas, so the rest of the router (validation, tokenizer, worker choice over the
 heartbeat table, KV index) runs unchanged. A model with no replica triggers a pool load and the
-request waits for it (bounded by its deadline and pool_load_wait_s).
+request waits for it (bounded by its deadline and pool_load_wait_s): woken by each heartbeat the
+router's worker table takes in, not by a timer.
 
 Among replicas the router's usual choice (router/routing.py) runs; `choose_bounded` adds an
 imbalance bound so one hot prefix cannot pile every request onto one replica.
@@ -32,11 +33,13 @@ from router.admin_auth import check_admin
 from router.intent import load_classifier
 from router.validation import RequestError
 from services.catalog import ModelSpec, load_catalog, split_served
+from services.waiting import wait_set
 from telemetry import tracing
 
 log = logging.getLogger("switchyard.router.pool")
 
-POLL_S = 0.25
+POLL_S = 0.25            # the pool's model states (ListModels) are read this often: it pushes nothing
+LOAD_RETRY_S = 2.0       # a request waiting for a model re-asks the pool to load it this often
 
 
 def choose_bounded(cands: list[routing.Candidate], prompt_blocks: int, overlap_weight: float, load_weight: float,
@@ -63,6 +66,7 @@ class PoolRouting:
         self.pool = pool_pb2_grpc.PoolStub(self._channel) if self._channel is not None else None
         self.info: dict[str, inference_pb2.ModelInfo] = {}
         self._task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
 
     async def start(self) -> None:
         if self.pool is None:
@@ -70,6 +74,7 @@ class PoolRouting:
         self._task = asyncio.create_task(self._poll(), name="router-pool-poll")
 
     async def stop(self) -> None:
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
         if self._channel is not None:
@@ -80,9 +85,10 @@ class PoolRouting:
             try:
                 resp = await self.pool.ListModels(inference_pb2.ListModelsRequest(), timeout=2.0)
                 self.info = {m.name: m for m in resp.models}
-            except grpc.aio.AioRpcError:
-                pass   # the pool starts after the router: keep polling
-            await asyncio.sleep(POLL_S)
+            except grpc.aio.AioRpcError as e:   # the pool starts after the router: keep asking
+                log.debug("pool ListModels: %s", e.code())
+            if await wait_set(self._stop, POLL_S):
+                return
 
     # ---- which served name ---------------------------------------------------------------------
     def served_names(self, name: str) -> list[str]:
@@ -176,13 +182,18 @@ class PoolRouting:
         max_wait = self.router.cfg.pool_load_wait_s
         wait = max_wait if remaining is None else min(remaining, max_wait)
         deadline = time.monotonic() + wait
+
+        def routable() -> list[str]:
+            served = self.served_names(base)
+            return [s for s in served if s == name] if version else served
+
         next_load = 0.0
         with tracing.span("router.pool_load_wait") if tracing.ENABLED else _null():
             while True:
                 now = time.monotonic()
                 # Idempotent; repeated in case a load failed or raced an eviction.
                 if now >= next_load and self.pool is not None:
-                    next_load = now + 2.0
+                    next_load = now + LOAD_RETRY_S
                     try:
                         await self.pool.LoadModel(inference_pb2.LoadModelRequest(name=base, version=version,
                                                                                   wait=False), timeout=5.0)
@@ -190,16 +201,19 @@ class PoolRouting:
                         if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
                             raise RequestError(e.code(), e.details()) from None
                         log.warning("pool LoadModel %s: %s", base, e.code())
-                served = self.served_names(base)
-                if version:
-                    served = [s for s in served if s == name]
+                served = routable()
                 if served:
                     return served[0]
-                if time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= wait \
                         else grpc.StatusCode.UNAVAILABLE
                     raise RequestError(code, f"model {base!r} is still loading after {wait:.0f}s; retry")
-                await asyncio.sleep(0.05)
+                # A replica becomes routable with a heartbeat: wait for one that shows it (until the
+                # next load request is due, or the deadline).
+                if self.pool is not None:
+                    left = min(left, max(0.0, next_load - time.monotonic()))
+                await self.router.table.changed.wait_for(lambda: bool(routable()), left)
 
     async def route(self, request, context):
         """-> the request rewritten to a served model name. Sends the decision as initial metadata."""
@@ -218,8 +232,8 @@ class PoolRouting:
             md.append(("x-switchyard-adapter", req.adapter_id))
         try:
             await context.send_initial_metadata(tuple(md))
-        except Exception:   # noqa: BLE001 - metadata already sent (cannot happen before the first yield)
-            pass
+        except grpc.aio.UsageError as e:   # metadata already sent (cannot happen before the first yield)
+            log.debug("route metadata not sent: %s", e)
         if tracing.ENABLED:
             span = tracing.current_span()
             if span is not None:

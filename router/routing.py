@@ -8,6 +8,8 @@ workers in turn, in worker-id order).
 Candidates come from batcher heartbeats (a worker silent for `timeout_s` is dropped). Load is the
 larger of what the worker last reported and what this router has in flight on it: heartbeats are
 up to an interval old, and a burst of requests must spread before the next one arrives.
+`WorkerTable.changed` fires on every heartbeat observed and every worker dropped, so whoever waits
+for a worker to show something (an adapter, a model's replica) waits on it, not on a timer.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from protos.switchyard.v1 import bus_pb2
+from services.waiting import Pulse
 
 
 @dataclass
@@ -102,6 +105,7 @@ def choose(candidates: list[Candidate], prompt_blocks: int, overlap_weight: floa
 class WorkerTable:
     timeout_s: float = 3.0
     workers: dict[str, WorkerView] = field(default_factory=dict)
+    changed: Pulse = field(default_factory=Pulse, repr=False, compare=False)
 
     def observe(self, hb: bus_pb2.Heartbeat, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -110,6 +114,7 @@ class WorkerTable:
             self.workers[hb.worker_id] = WorkerView(hb.worker_id, hb, now)
         else:
             w.heartbeat, w.last_seen = hb, now
+        self.changed.fire()
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop workers silent for longer than timeout_s; returns the dropped ids."""
@@ -117,6 +122,8 @@ class WorkerTable:
         gone = [wid for wid, w in self.workers.items() if now - w.last_seen > self.timeout_s]
         for wid in gone:
             del self.workers[wid]
+        if gone:
+            self.changed.fire()
         return gone
 
     def routable(self, model: str) -> list[WorkerView]:

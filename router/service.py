@@ -13,6 +13,7 @@ import logging
 import time
 
 import grpc
+import nats.errors
 
 from kv_manager.block_hash import block_hashes
 from protos.switchyard.v1 import bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
@@ -24,6 +25,7 @@ from router.validation import RequestError, check_input, check_prompt_length, in
 from services import subjects
 from services.bus_codec import FINISH_FROM_PB
 from services.config import StackConfig
+from services.waiting import Pulse, wait_set
 from telemetry import propagation, tracing
 from telemetry.metrics import RouterMetrics
 from workers.step_codec import sampling_to_proto
@@ -39,6 +41,7 @@ _ERROR_CODES = {
 }
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
+EXPIRE_EVERY_S = 0.25    # how often silent workers are looked for (their silence is no event)
 
 
 class _WorkerGone:
@@ -64,6 +67,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self._load_tokenizer = tokenizer_loader
         self._tokenizers: dict = {}
         self._streams: dict[str, tuple[str, asyncio.Queue]] = {}   # request id -> (worker id, queue)
+        self._stream_ended = Pulse()   # fired as each Generate ends (drain waits on it)
+        self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._subs = []
         self.pool_routing = None   # router/catalog_routing.PoolRouting with a model pool
@@ -85,6 +90,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         await self.adapter_control.start()
 
     async def stop(self) -> None:
+        self._stop.set()
         for t in self._tasks:
             t.cancel()
         await self.adapter_control.stop()
@@ -93,19 +99,19 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         for s in self._subs:
             try:
                 await s.unsubscribe()
-            except Exception:
-                pass
+            except nats.errors.Error as e:   # closed or draining already: nothing more arrives
+                log.debug("unsubscribe: %r", e)
 
     @property
     def in_flight(self) -> int:
         return len(self._streams)
 
     async def drain(self, grace: float) -> None:
-        """Refuse new requests; wait (up to grace) for the open streams to finish."""
+        """Refuse new requests; wait (up to grace) for the open streams to finish: returns as the last
+        one ends."""
         self.draining = True
-        deadline = time.monotonic() + grace
-        while self._streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if not await self._stream_ended.wait_for(lambda: not self._streams, grace):
+            log.warning("drain: %d stream(s) still open after %.1fs", len(self._streams), grace)
 
     async def tokenizer(self, model: str):
         tok = self._tokenizers.get(model)
@@ -133,8 +139,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self.adapter_control.worker_joined()
 
     async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
+        while not await wait_set(self._stop, EXPIRE_EVERY_S):
             for wid in self.table.expire():
                 log.warning("worker %s silent for %.1fs: dropped", wid, self.cfg.worker_timeout_s)
                 self._fail_worker_streams(wid, f"worker {wid} stopped responding (no heartbeat for "
@@ -164,7 +169,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                                    f"adapter {adapter_id!r} is not served for model {model!r}", "adapter_id")
         if len(views) == 1:
             return views[0].worker_id  # no choice to make: skip the KV index round trip
-        block_size = views[0].heartbeat.block_size or self.cfg.block_size
+        block_size = views[0].heartbeat.block_size or self.cfg.engine.block_size
         matched: dict[str, int] = {}
         hashes = block_hashes(token_ids, block_size, adapter_id)
         if hashes and self.kv is not None and routing.needs_kv_match(self.cfg.routing_policy):
@@ -191,7 +196,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     def _max_model_len(self, model: str) -> int:
         lens = [w.heartbeat.max_model_len for w in self.table.routable(model) if w.heartbeat.max_model_len]
-        return min(lens) if lens else (self.cfg.max_model_len or 1 << 30)
+        return min(lens) if lens else (self.cfg.engine.max_model_len or 1 << 30)
 
     async def _encode(self, model: str, prompt: str, messages: list[dict]) -> list[int]:
         tok = await self.tokenizer(model)
@@ -331,15 +336,19 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             if view is not None:
                 view.in_flight = max(0, view.in_flight - 1)
             self._streams.pop(rid, None)
-            if not finished:
-                try:
-                    await self.nc.publish(subjects.cancel(rid), bus_pb2.Cancel(request_id=rid).SerializeToString())
-                except Exception:
-                    log.warning("could not publish cancel for %s", rid, exc_info=True)
             try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+                if not finished:
+                    try:
+                        await self.nc.publish(subjects.cancel(rid),
+                                              bus_pb2.Cancel(request_id=rid).SerializeToString())
+                    except nats.errors.Error:
+                        log.warning("could not publish cancel for %s", rid, exc_info=True)
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error as e:   # NATS closed under us: the subscription went with it
+                    log.debug("unsubscribe %s: %r", reply, e)
+            finally:
+                self._stream_ended.fire()   # drain() waits for the last one
 
     async def _publish_request(self, worker_id: str, breq: bus_pb2.BatchRequest, context) -> None:
         """Publish on sy.req.<worker> with the trace context (a NATS PRODUCER span when tracing)."""

@@ -82,7 +82,7 @@ def check_sampling(pb) -> SamplingParams:
     try:
         sp.validate()
     except InvalidRequestError as e:
-        raise invalid(e.field, str(e).split(": ", 1)[-1]) from None
+        raise invalid(e.field, e.message) from None
     return sp
 
 

@@ -5,14 +5,13 @@ import json
 import os
 import sys
 
-from services.pool_cli import _channel
-
 
 def adapters_dict(router: str, base: str = "", timeout: float = 5.0) -> list[dict]:
     from google.protobuf.json_format import MessageToDict
 
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    with _channel(router) as ch:
+    from services.rpc import sync_channel
+    with sync_channel(router) as ch:
         resp = inference_pb2_grpc.InferenceStub(ch).ListAdapters(inference_pb2.ListAdaptersRequest(base_model=base),
                                                                  timeout=timeout)
     return [MessageToDict(a, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)

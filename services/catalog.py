@@ -1,10 +1,11 @@
 """The model catalogue: `switchyard.toml` (README, "A pool of models") as plain dataclasses.
 
-    [stack]            optional StackConfig overrides (admin_tokens, tokens, kv sizes, ...)
+    [stack]            optional StackConfig overrides (admin_tokens, tokens, ...; [stack.engine]: engine keys)
     [pool]             slots, slot_memory_gb, default_model, load_timeout_s
     [pool.scaler]      target_per_replica, scale_up_window_s, scale_down_window_s, idle_to_zero_s, interval_s
     [[models]]         name, source, version, capabilities, max_context, min_replicas, max_replicas,
-                       memory_gb, gpu_usd_per_hour, [models.versions] other version -> source
+                       memory_gb, gpu_usd_per_hour, [models.versions] other version -> source,
+                       [models.engine] this model's EngineConfig keys over the stack's (dtype, ...)
     [[adapters]]       name, base, path, capabilities: a LoRA adapter (PEFT folder; relative paths are
                        relative to the catalogue file) served on the replicas of catalogue model `base`
     [[intents]]        capability, keywords, regex
@@ -20,6 +21,8 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from services.config import engine_config_from, split_engine_keys
 
 SOURCES_ENV = "SWITCHYARD_MODEL_SOURCES_FILE"   # served name -> source map for tokenizer lookups
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
@@ -37,6 +40,7 @@ class ModelSpec:
     memory_gb: float = 0.5                    # per replica: weights + KV cache estimate
     gpu_usd_per_hour: float = 2.5
     versions: dict[str, str] = field(default_factory=dict)   # other versions: version -> source
+    engine: dict = field(default_factory=dict)   # EngineConfig keys for this model's replicas (over [stack])
 
     def source_for(self, version: str, override: str = "") -> str:
         return override or self.versions.get(version) or self.source
@@ -135,6 +139,7 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
             raise ValueError(f"models[{i}] {spec.name}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
         if spec.memory_gb <= 0 or spec.max_context < 2:
             raise ValueError(f"models[{i}] {spec.name}: memory_gb must be > 0 and max_context >= 2")
+        engine_config_from(spec.engine, f"models[{i}].engine")   # unknown keys, bad dtype: fail at load
         models.append(spec)
     if not models:
         raise ValueError(f"{path or 'catalogue'}: no [[models]]")
@@ -159,6 +164,7 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
             re.compile(rx)   # fail at load, not per request
         intents.append(rule)
     stack = dict(data.get("stack", {}))
+    split_engine_keys(stack, "[stack]")   # unknown keys: fail at load
     adapters = _parse_adapters(data.get("adapters", []), names, Path(path).parent if path else Path.cwd())
     return Catalog(models, pool, intents, stack, str(path), adapters)
 

@@ -7,22 +7,21 @@ import os
 import sys
 
 from services.config import DEFAULT_ROUTER_PORT, load_config
+from workers.engine.config import DTYPES, LORA_MODES
 
 
 def default_router() -> str:
     return os.environ.get("SWITCHYARD_ROUTER") or f"localhost:{DEFAULT_ROUTER_PORT}"
 
 
-def _channel(target: str):
-    import grpc
-
-    from services.rpc import options
-    return grpc.insecure_channel(target, options=options())
+# `switchyard up` flags for the common engine settings (the rest: `[engine]` in --config).
+ENGINE_FLAGS = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory_gb",
+                "gpu_memory_utilization", "use_cuda_graphs", "lora_mode")
 
 
 def up_config(args):
     """`switchyard up`'s StackConfig: flags win over --config keys, which win over the defaults."""
-    return load_config(args.config, triton_port=args.triton_port,
+    return load_config(args.config, engine={k: getattr(args, k) for k in ENGINE_FLAGS}, triton_port=args.triton_port,
                        workers=args.workers, router_port=args.port, nats_port=args.nats_port,
                        kv_manager_port=args.kv_index_port, worker_base_port=args.worker_base_port,
                        pool_control_port=args.pool_control_port, model=args.model,
@@ -32,10 +31,24 @@ def up_config(args):
                        pool_config=os.path.abspath(args.pool) if args.pool else None)
 
 
+def effective_config(args):
+    """What `switchyard up` would run: up_config plus a pool catalogue's [stack] table."""
+    cfg = up_config(args)
+    if cfg.pool_config:
+        from services.catalog import load_catalog
+        from services.pool_setup import apply_stack_overrides
+        cfg = apply_stack_overrides(cfg, load_catalog(cfg.pool_config).stack)
+    return cfg
+
+
 def cmd_up(args) -> int:
     from services.launcher import run_up
     from services.ports import PortInUseError
     try:
+        if args.print_config:
+            from services.config import render_config
+            print(render_config(effective_config(args), args.print_config), end="")
+            return 0
         return run_up(up_config(args), args.workdir, demo=args.demo)
     except (PortInUseError, ValueError, FileNotFoundError) as e:
         print(f"switchyard up: {e}", file=sys.stderr)
@@ -51,8 +64,8 @@ def cmd_generate(args) -> int:
 
 def status_dict(router: str, timeout: float = 5.0) -> dict:
     from protos.switchyard.v1 import inference_pb2_grpc, kv_index_pb2
-    from services.rpc import message_dict
-    with _channel(router) as ch:
+    from services.rpc import message_dict, sync_channel
+    with sync_channel(router) as ch:
         st = inference_pb2_grpc.AdminStub(ch).Status(kv_index_pb2.StatusRequest(), timeout=timeout)
     d = message_dict(st)
     # Metrics endpoints and the log folder come from the launcher's state file (the router does not
@@ -65,10 +78,12 @@ def status_dict(router: str, timeout: float = 5.0) -> dict:
         d["logs"] = state.get("logs", "")
     except (OSError, ValueError):
         pass
+    import grpc
+
+    from services.pool_cli import models_dict
     try:   # per model: state, version, replicas, desired, queue depth (the model pool's view)
-        from services.pool_cli import models_dict
         d["models"] = models_dict(router, timeout)
-    except Exception:   # noqa: BLE001 - an older router
+    except grpc.RpcError:   # an older router (UNIMPLEMENTED), or it went away meanwhile: no models section
         pass
     return d
 
@@ -158,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve a pool of models from a catalogue (switchyard.toml; see examples/pool.toml)")
     up.add_argument("--gpu-usd-per-hour", type=float, default=None,
                     help="USD per GPU-hour of each worker for the cost metrics (config gpu_usd_per_hour)")
+    up.add_argument("--print-config", nargs="?", const="toml", choices=["toml", "json"], default=None,
+                    help="print the effective configuration (defaults, --config, flags) as TOML (or json) and exit")
+    eng = up.add_argument_group("engine (per worker; config [engine] table, which has every EngineConfig key)")
+    eng.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    eng.add_argument("--dtype", default=None, choices=DTYPES, help="default auto: bfloat16 on CUDA, float32 on CPU")
+    eng.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help="running requests per step")
+    eng.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                     help="token budget per step (decodes + prefill chunks)")
+    eng.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                     help="context length limit (default: the model's)")
+    eng.add_argument("--kv-cache-memory-gb", type=float, default=None, metavar="GB",
+                     help="KV cache size on CPU (unless engine.num_kv_blocks is set)")
+    eng.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                     help="share of GPU memory for weights + KV cache on CUDA")
+    eng.add_argument("--cuda-graphs", dest="use_cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="capture CUDA graphs for decode steps (default on)")
+    eng.add_argument("--lora-mode", default=None, choices=LORA_MODES, help="LoRA batching kernel (default auto)")
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")

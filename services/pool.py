@@ -32,11 +32,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import nats.errors
+
 from services import proc
 from services.catalog import Catalog, ModelSpec, served_name, write_sources
 from services.config import StackConfig, write_config
 from services.ports import free_port
 from services.scaler import Scaler
+from services.waiting import Pulse, wait_set
 
 log = logging.getLogger("switchyard.pool")
 
@@ -92,6 +95,19 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", s)
 
 
+def replica_config(cfg: StackConfig, catalog: Catalog, spec: ModelSpec, source: str) -> StackConfig:
+    """The StackConfig a replica of `spec` runs with: the stack's, with model = source, the model's own
+    [models.engine] keys over the stack's engine, max_model_len capped at the model's max_context, and
+    the catalogue's adapters on this base. The worker takes its `engine` whole."""
+    engine = replace(cfg.engine, **spec.engine)
+    max_len = spec.max_context if engine.max_model_len is None else min(spec.max_context, engine.max_model_len)
+    # The catalogue's adapters on this base are served from the replica's first heartbeat; ones
+    # added at run time (Admin/LoadAdapter) the router pushes (router/adapter_control.py).
+    adapters = {**engine.lora_adapters, **{a.name: a.path for a in catalog.adapters if a.base == spec.name}}
+    return replace(cfg, model=source, workers=max(1, catalog.pool.slots), gpu_usd_per_hour=spec.gpu_usd_per_hour,
+                   engine=replace(engine, max_model_len=max_len, lora_adapters=adapters))
+
+
 class PoolMetrics:
     def __init__(self, registry):
         from prometheus_client import Counter, Gauge, Histogram
@@ -135,6 +151,7 @@ class PoolManager:
         self._start_error: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._nc = None
+        self._heartbeats = Pulse()   # fired by every replica heartbeat: loads and drains wait on it
         self._server = None
         self._tasks: set[asyncio.Task] = set()
         from prometheus_client import CollectorRegistry
@@ -232,8 +249,8 @@ class PoolManager:
         if self._nc is not None:
             try:
                 await self._nc.close()
-            except Exception:
-                pass
+            except nats.errors.Error as e:   # closing a connection that is going anyway
+                log.debug("pool NATS close: %r", e)
 
     def _spawn_task(self, coro, name: str) -> asyncio.Task:
         t = asyncio.create_task(coro, name=name)
@@ -255,6 +272,7 @@ class PoolManager:
             return
         now = time.monotonic()
         r.hb, r.hb_at = hb, now
+        self._heartbeats.fire()
         entry = self.models.get(r.model)
         if entry is not None:
             prev = entry.gen_tokens.get(r.worker_id)
@@ -335,15 +353,8 @@ class PoolManager:
 
     # ---- replicas ------------------------------------------------------------------------------------
     def _model_config_path(self, e: ModelEntry, version: str, source: str) -> Path:
-        spec = e.spec
-        max_len = spec.max_context if self.cfg.max_model_len is None else min(spec.max_context, self.cfg.max_model_len)
-        # The catalogue's adapters on this base are served from the replica's first heartbeat; ones
-        # added at run time (Admin/LoadAdapter) the router pushes (router/adapter_control.py).
-        adapters = {**(self.cfg.lora_adapters or {}),
-                    **{a.name: a.path for a in self.catalog.adapters if a.base == spec.name}}
-        mcfg = replace(self.cfg, model=source, workers=max(1, self.catalog.pool.slots), max_model_len=max_len,
-                       gpu_usd_per_hour=spec.gpu_usd_per_hour, lora_adapters=adapters or None)
-        return write_config(mcfg, self.pool_dir / f"{_safe(spec.name)}@{_safe(version)}.json")
+        mcfg = replica_config(self.cfg, self.catalog, e.spec, source)
+        return write_config(mcfg, self.pool_dir / f"{_safe(e.spec.name)}@{_safe(version)}.json")
 
     async def _start_replica(self, e: ModelEntry, version: str, source: str, slot: int) -> Replica:
         self._counter += 1
@@ -364,22 +375,33 @@ class PoolManager:
         log.warning("pool: starting %s (%s from %s) on slot %d", wid, served, source, slot)
         return r
 
+    async def _wait_heartbeats(self, until, timeout: float, watch: list[proc.Child]) -> proc.Child | bool:
+        """Wait until `until()` holds, re-checked on every replica heartbeat: True. False once `timeout`
+        has passed. The child in `watch` that exited first, if one does before either."""
+        waiter = asyncio.ensure_future(self._heartbeats.wait_for(until, timeout))
+        exits = {asyncio.ensure_future(c.exited()): c for c in watch}
+        try:
+            done, _ = await asyncio.wait({waiter, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (waiter, *exits):
+                f.cancel()
+        if waiter in done:
+            return waiter.result()
+        return next(c for f, c in exits.items() if f in done)
+
     async def _wait_ready(self, r: Replica, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            hb = r.hb
-            if hb is not None and hb.healthy and hb.model == r.served:
-                r.state = READY
-                r.ready_at = time.monotonic()
-                self.metrics.load_time.labels(r.model).observe(r.ready_at - r.started)
-                return
-            for c in r.children():
-                if not c.alive():
-                    raise PoolError("INTERNAL", f"{c.name} exited with code {c.popen.returncode} while loading "
-                                                f"{r.served}; last log lines:\n{c.tail(15)}")
-            if time.monotonic() > deadline:
-                raise PoolError("DEADLINE_EXCEEDED", f"{r.served} ({r.worker_id}) not healthy after {timeout:.0f}s")
-            await asyncio.sleep(0.05)
+        def healthy() -> bool:
+            return r.hb is not None and r.hb.healthy and r.hb.model == r.served
+        out = await self._wait_heartbeats(healthy, timeout, r.children())
+        if out is True:
+            r.state = READY
+            r.ready_at = time.monotonic()
+            self.metrics.load_time.labels(r.model).observe(r.ready_at - r.started)
+            return
+        if out is False:
+            raise PoolError("DEADLINE_EXCEEDED", f"{r.served} ({r.worker_id}) not healthy after {timeout:.0f}s")
+        raise PoolError("INTERNAL", f"{out.name} exited with code {out.popen.returncode} while loading "
+                                    f"{r.served}; last log lines:\n{out.tail(15)}")
 
     async def _add_replicas(self, e: ModelEntry, version: str, source: str, n: int, evict: bool,
                             evicted: list[str]) -> list[Replica]:
@@ -422,17 +444,14 @@ class PoolManager:
             await self._nc.request(subjects.control(r.worker_id),
                                    bus_pb2.ModelControl(action="unload", model=r.served).SerializeToString(),
                                    timeout=2.0)
-        except Exception as ex:   # noqa: BLE001 - SIGTERM below drains too
-            log.warning("pool: unload control to %s failed (%s); stopping it with SIGTERM", r.worker_id, ex)
+        except nats.errors.Error as ex:   # timeout, no responders: the SIGTERM below drains too
+            log.warning("pool: unload control to %s failed (%r); stopping it with SIGTERM", r.worker_id, ex)
         t_sent = time.monotonic()
-        deadline = t_sent + self.cfg.drain_grace_s
-        while time.monotonic() < deadline:
+
+        def drained() -> bool:   # a heartbeat sent after the unload: unroutable, nothing waiting or running
             hb = r.hb
-            if hb is not None and r.hb_at >= t_sent and not hb.healthy and hb.num_running + hb.num_waiting == 0:
-                break
-            if not r.batcher.alive():
-                break
-            await asyncio.sleep(0.05)
+            return hb is not None and r.hb_at >= t_sent and not hb.healthy and hb.num_running + hb.num_waiting == 0
+        await self._wait_heartbeats(drained, self.cfg.drain_grace_s, [r.batcher])
         await self._stop_replicas([r])
 
     async def _drain_replicas(self, e: ModelEntry, reps: list[Replica]) -> None:
@@ -498,12 +517,11 @@ class PoolManager:
     # ---- autoscaling ---------------------------------------------------------------------------------
     async def _scaler_loop(self) -> None:
         spec = self.catalog.pool.scaler
-        while True:
-            await asyncio.sleep(spec.interval_s)
+        while not await wait_set(self._stop_event, spec.interval_s):   # a tick, cut short by stop()
             try:
                 self.scale_once(time.monotonic())
-            except Exception:
-                log.exception("scaler tick failed")
+            except Exception:  # noqa: BLE001 - a bug: logged; the scaler goes on with the next tick
+                log.exception("scaler tick failed (models %s)", sorted(self.models))
 
     def scale_once(self, now: float) -> None:
         spec = self.catalog.pool.scaler

@@ -9,17 +9,10 @@ import os
 import sys
 
 
-def _channel(target: str):
-    import grpc
-
-    from services.rpc import options
-    return grpc.insecure_channel(target, options=options())
-
-
 def models_dict(router: str, timeout: float = 5.0) -> list[dict]:
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    from services.rpc import message_dict
-    with _channel(router) as ch:
+    from services.rpc import message_dict, sync_channel
+    with sync_channel(router) as ch:
         resp = inference_pb2_grpc.InferenceStub(ch).ListModels(inference_pb2.ListModelsRequest(), timeout=timeout)
     return [message_dict(m) for m in resp.models]
 
@@ -61,9 +54,10 @@ def admin_call(args, call, describe) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
+    from services.rpc import sync_channel
     token = args.token or os.environ.get("SWITCHYARD_ADMIN_TOKEN", "")
     md = (("authorization", f"Bearer {token}"),) if token else ()
-    with _channel(args.router) as ch:
+    with sync_channel(args.router) as ch:
         try:
             resp = call(inference_pb2_grpc.AdminStub(ch), inference_pb2, md)
         except grpc.RpcError as e:

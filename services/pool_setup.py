@@ -1,27 +1,28 @@
 """Launcher glue for a model pool (`switchyard up --pool switchyard.toml`): kept out of launcher.py.
 
-The catalogue's [stack] table fills StackConfig fields still at their defaults (the command line
-and --config win); the launcher itself then starts no fixed workers (PoolManager starts each
-model's min_replicas once the router is up); `model` becomes the catalogue's default model.
+The catalogue's [stack] table (and its [stack.engine]) fills StackConfig and engine fields still at
+their defaults (the command line and --config win); the launcher itself then starts no fixed
+workers (PoolManager starts each model's min_replicas once the router is up); `model` becomes the
+catalogue's default model.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from services.catalog import SOURCES_ENV, load_catalog
-from services.config import StackConfig, write_config
+from services.config import StackConfig, engine_config_from, split_engine_keys, write_config
 from services.ports import check_free, free_port
 
 
 def apply_stack_overrides(cfg: StackConfig, overrides: dict) -> StackConfig:
+    stack_keys, engine_keys = split_engine_keys(overrides, "[stack]")
     defaults = StackConfig()
-    known = {f.name for f in fields(StackConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"[stack]: unknown keys {unknown}; known: {sorted(known)}")
-    take = {k: v for k, v in overrides.items() if getattr(cfg, k) == getattr(defaults, k)}
+    take = {k: v for k, v in stack_keys.items() if getattr(cfg, k) == getattr(defaults, k)}
+    take_engine = {k: v for k, v in engine_keys.items() if getattr(cfg.engine, k) == getattr(defaults.engine, k)}
+    if take_engine:
+        take["engine"] = engine_config_from({**asdict(cfg.engine), **take_engine}, "[stack.engine]")
     return replace(cfg, **take) if take else cfg
 
 

@@ -61,6 +61,27 @@ class Child:
         except subprocess.TimeoutExpired:
             return False
 
+    async def exited(self) -> int | None:
+        """Wait (on the running loop) until the process exits; returns its exit code. An event, not a
+        poll: the process's pidfd becomes readable when it ends (Linux >= 5.3)."""
+        try:
+            fd = os.pidfd_open(self.popen.pid)
+        except ProcessLookupError:   # gone and reaped already
+            return self.popen.poll()
+        except (AttributeError, OSError):   # no pidfd here (not Linux, old kernel): look twice a second
+            while self.alive():
+                await asyncio.sleep(0.5)
+            return self.popen.returncode
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        loop.add_reader(fd, lambda: ended.done() or ended.set_result(None))
+        try:
+            await ended
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return self.popen.wait()   # it has exited: this only reaps it
+
     def stop(self, timeout: float) -> int | None:
         """SIGTERM, wait up to timeout, then SIGKILL the whole group. Returns the exit code."""
         if self.alive():

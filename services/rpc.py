@@ -26,6 +26,11 @@ def channel(target: str, max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel
     return grpc.aio.insecure_channel(target, options=options(max_bytes), interceptors=client_interceptors() or None)
 
 
+def sync_channel(target: str, max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    """A blocking channel with the same limits (the CLI's commands: status, models, admin, adapters)."""
+    return grpc.insecure_channel(target, options=options(max_bytes))
+
+
 def add_health_and_reflection(srv: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:
     """Register grpc.health.v1 (overall "" plus each service) and server reflection.
 

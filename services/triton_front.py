@@ -29,17 +29,20 @@ import time
 import uuid
 
 import grpc
+import nats.errors
 import numpy as np
 
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
 from services import proc, rpc, subjects
 from services.config import StackConfig, load_config
+from services.waiting import Pulse
 from workers.backends.tritongrpc import load as load_triton
 
 _tg, _aio, pb, pb_grpc, mc, tutils = load_triton()
 log = logging.getLogger("switchyard.triton_front")
 
 VERSION = "1"
+CONTROL_SETTLE_S = 5.0   # after a load/unload, how long to wait for the router's view to show it
 INPUTS = {  # name -> (datatype, model-config type, required)
     "text_input": ("BYTES", mc.TYPE_STRING, True),
     "stream": ("BOOL", mc.TYPE_BOOL, False),
@@ -294,24 +297,40 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
         if not workers:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker of model '{name}' is reachable right now")
         msg = bus_pb2.ModelControl(action=action, model=name).SerializeToString()
-        errors = []
-        for wid in workers:
-            try:
-                r = await self.nc.request(subjects.control(wid), msg, timeout=120.0)
-                rep = bus_pb2.ModelControlReply.FromString(r.data)
-                if not rep.ok:
-                    errors.append(f"{wid}: {rep.error}")
-            except Exception as e:  # noqa: BLE001 - NATS timeout / no responders
-                errors.append(f"{wid}: {type(e).__name__}: {e}")
-        if errors:
-            await context.abort(grpc.StatusCode.INTERNAL, f"failed to {action} '{name}': {'; '.join(errors)}")
-        # Triton's load/unload is synchronous: answer once the router's view shows it.
-        want_ready = action == "load"
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            if ((await self.models(fresh=True)).get(name, 0) > 0) == want_ready:
-                return
-            await asyncio.sleep(0.05)
+        # The router's view of a worker changes only with its heartbeats: listen to them from before
+        # the control (a batcher publishes one before it answers).
+        beats = Pulse()
+
+        async def on_beat(_msg) -> None:
+            beats.fire()
+        subs = [await self.nc.subscribe(subjects.heartbeat(wid), cb=on_beat) for wid in workers]
+        try:
+            errors = []
+            for wid in workers:
+                try:
+                    r = await self.nc.request(subjects.control(wid), msg, timeout=120.0)
+                    rep = bus_pb2.ModelControlReply.FromString(r.data)
+                    if not rep.ok:
+                        errors.append(f"{wid}: {rep.error}")
+                except nats.errors.Error as e:   # timeout, no responders, connection closed
+                    errors.append(f"{wid}: {type(e).__name__}: {e}")
+            if errors:
+                await context.abort(grpc.StatusCode.INTERNAL, f"failed to {action} '{name}': {'; '.join(errors)}")
+            # Triton's load/unload is synchronous: answer once the router's view shows it (re-read
+            # after each heartbeat, for up to CONTROL_SETTLE_S).
+            want_ready = action == "load"
+            deadline = time.monotonic() + CONTROL_SETTLE_S
+            while ((await self.models(fresh=True)).get(name, 0) > 0) != want_ready:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await beats.wait(left):
+                    log.warning("router does not show %s of %r after %.0fs", action, name, CONTROL_SETTLE_S)
+                    return
+        finally:
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error as e:   # NATS closing under us
+                    log.debug("unsubscribe: %r", e)
 
     async def RepositoryModelLoad(self, request, context):
         await self._control(request.model_name, "load", context)
@@ -420,7 +439,7 @@ async def serve(args) -> None:
     try:
         nc = await nats.connect(args.nats or cfg.nats_url, name="triton_front", max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.2)
-    except Exception:  # noqa: BLE001 - inference still works; load/unload will say why not
+    except (nats.errors.Error, OSError):   # inference still works; load/unload will say why not
         log.warning("no NATS: repository load/unload disabled", exc_info=True)
     front = TritonFront(cfg, channel, nc)
     srv = rpc.server(cfg.max_message_bytes)

@@ -93,6 +93,7 @@ def test_unload_refuses_new_requests_at_once_and_waits_for_accepted_ones():
             ad.check("sql")                       # new requests: NOT_FOUND
         assert beats[0] == [] and not task.done() and worker.calls == []   # accepted ones still run
         in_use["sql"] = 0
+        ad.requests_changed()                     # the batcher says so when a request leaves
         out = await task
         assert out.ok and worker.calls == ["unload sql"] and ad.advertised() == []
         out = await ad.unload("sql", drain_s=1.0)
@@ -111,6 +112,7 @@ def test_unload_timeout_answers_but_still_unloads_when_requests_finish():
         out = await ad.unload("sql", drain_s=0.1)
         assert not out.ok and out.code == "DEADLINE_EXCEEDED" and "1 accepted" in out.error
         in_use["sql"] = 0
+        ad.requests_changed()
         for _ in range(40):
             if worker.calls:
                 break

@@ -7,6 +7,10 @@ pipelined next step starts the moment the current one ends.
 
 LoadAdapter / UnloadAdapter change the LoRA registry at run time (the batcher calls them on a
 ModelControl; it stops admitting an adapter's requests and waits for them before unloading).
+
+Errors: an EngineError (workers/engine/errors.py) is the caller's and carries its status
+(`code`: INVALID_ARGUMENT for an adapter that cannot be served or read, ALREADY_EXISTS, NOT_FOUND)
+and message; anything else is a bug in this process: logged, and INTERNAL.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import grpc
 
 from protos.switchyard.v1 import worker_pb2, worker_pb2_grpc
 from telemetry import propagation, tracing
-from workers.engine.errors import InvalidRequestError
+from workers.engine.errors import EngineError
 from workers.engine.plan import NewRequestPlan, StepPlan
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import plan_from_proto, result_to_proto
@@ -164,13 +168,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # keep running (AdapterManager is thread-safe).
             nbytes = await asyncio.get_running_loop().run_in_executor(
                 None, self._load_adapter, lora, request.name, request.path)
-        except _AdapterConflict as e:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-        except InvalidRequestError as e:   # InvalidAdapterError: "adapter 'x': <the reason>"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:   # an unreadable file (safetensors, OS errors): still the adapter's fault
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter {request.name!r}: cannot read "
-                                                                  f"{request.path}: {e}")
+        except EngineError as e:   # InvalidAdapterError (bad or unreadable files), AdapterConflictError
+            await context.abort(status_of(e), e.message)
+        except Exception as e:  # noqa: BLE001 - not the caller's doing: a bug here, logged and INTERNAL
+            log.exception("LoadAdapter %r from %s failed", request.name, request.path)
+            await context.abort(grpc.StatusCode.INTERNAL, f"worker error loading adapter {request.name!r}: "
+                                                          f"{type(e).__name__}: {e}")
         log.info("adapter %s loaded from %s (%.1f MB)", request.name, request.path, nbytes / 2**20)
         return worker_pb2.WorkerAdapterReply(adapters=lora.names(), host_bytes=nbytes)
 
@@ -199,15 +202,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             old = lora.registry.get(name)
             if old is not None and old != path:
                 # Re-registering would swap the weights under requests running on it.
-                raise _AdapterConflict(f"adapter {name!r} is already loaded from {old}; unload it first")
+                raise AdapterConflictError(f"adapter {name!r} is already loaded from {old}; unload it first")
             if old is None:
                 lora.register(name, path)
+            loaded = False
             try:
-                return lora.prefetch(name).nbytes
-            except BaseException:
-                if old is None:
+                nbytes = lora.prefetch(name).nbytes
+                loaded = True
+                return nbytes
+            finally:
+                if old is None and not loaded:
                     lora.unregister(name)
-                raise
 
     def _unload_adapter(self, name: str) -> bool:
         # No _adapter_lock here: this runs on the step thread, which must not wait for a file read.
@@ -218,5 +223,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return self.runner.lora.unregister(name, pinned=pinned)
 
 
-class _AdapterConflict(Exception):
+class AdapterConflictError(EngineError):
     """LoadAdapter of a name that is loaded from another path."""
+    code = "ALREADY_EXISTS"
+
+
+def status_of(e: EngineError) -> grpc.StatusCode:
+    """The gRPC status an EngineError names (INTERNAL for a code gRPC does not have)."""
+    return getattr(grpc.StatusCode, e.code, grpc.StatusCode.INTERNAL)

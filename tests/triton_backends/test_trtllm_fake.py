@@ -13,6 +13,7 @@ from services.bus_codec import kv_events_from_proto
 from services.config import StackConfig
 from workers.backends.base import BackendMissingError, BackendRequest, make_backend
 from workers.backends.trtllm import TrtLlmBackend, to_trt_sampling
+from workers.engine.config import EngineConfig
 from workers.engine.sampling_params import SamplingParams
 
 FAKE = "tests.triton_backends.fake_trtllm"
@@ -108,7 +109,7 @@ def test_passthrough_admission_priority_cancel_and_kv_events():
     from batcher.passthrough import PassthroughBatcher
 
     async def go():
-        cfg = StackConfig(heartbeat_interval_s=0.05, block_size=4)
+        cfg = StackConfig(heartbeat_interval_s=0.05, engine=EngineConfig(block_size=4))
         backend = TrtLlmBackend("m", module=FAKE)
         nc = FakeNC()
         pt = PassthroughBatcher(cfg, "w9", nc, backend, max_concurrency=1, max_waiting=2)

@@ -81,6 +81,12 @@ def map_error(err, url: str = "", model: str = "") -> BackendError:
     return BackendError(ours, f"{where}: {msg}", retry_after_ms=200 if ours == EXHAUSTED else 0)
 
 
+def client_errors() -> tuple[type[BaseException], ...]:
+    """What tritonclient's aio client raises: its InferenceServerException, and gRPC's own errors."""
+    from workers.backends.tritongrpc import load
+    return load()[5].InferenceServerException, grpc.RpcError
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -117,9 +123,7 @@ class TritonBackend(Backend):
                                                 f"(load it, or check its repository)")
             meta = await c.get_model_metadata(self.model, self.model_version, as_json=True,
                                               client_timeout=self.timeout_s)
-        except BackendError:
-            raise
-        except Exception as e:  # noqa: BLE001 - tritonclient raises its own exception type
+        except client_errors() as e:
             raise map_error(e, self.url, self.model) from e
         self.inputs = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
         self.outputs = {o["name"]: o["datatype"] for o in meta.get("outputs", [])}
@@ -135,33 +139,34 @@ class TritonBackend(Backend):
             self.decoupled = bool(cfg.get("config", {}).get("model_transaction_policy", {}).get("decoupled"))
             if not self.decoupled:
                 log.warning("model %s on %s is not decoupled: tokens arrive in one response", self.model, self.url)
-        except Exception:  # noqa: BLE001 - config is advisory
+        except client_errors() as e:   # the config is advisory
+            log.debug("model config of %s on %s not read: %s", self.model, self.url, e)
             self.decoupled = None
 
     async def ready(self) -> bool:
         try:
             return bool(await self._client().is_model_ready(self.model, self.model_version, client_timeout=1.0))
-        except Exception:  # noqa: BLE001
+        except client_errors():   # unreachable or not ready: that is the answer
             return False
 
     async def load(self) -> None:
         try:
             await self._client().load_model(self.model, client_timeout=max(self.timeout_s, 60.0))
-        except Exception as e:  # noqa: BLE001
+        except client_errors() as e:
             raise map_error(e, self.url, self.model) from e
 
     async def unload(self) -> None:
         try:
             await self._client().unload_model(self.model, client_timeout=max(self.timeout_s, 60.0))
-        except Exception as e:  # noqa: BLE001
+        except client_errors() as e:
             raise map_error(e, self.url, self.model) from e
 
     async def close(self) -> None:
         if self.client is not None:
             try:
                 await self.client.close()
-            except Exception:  # noqa: BLE001
-                pass
+            except client_errors() as e:   # closing a channel that is going anyway
+                log.debug("closing the Triton client for %s: %s", self.url, e)
             self.client = None
 
     # ---- requests --------------------------------------------------------------------------

@@ -7,11 +7,14 @@ lazily, only for CUDA tensors), falling back to the torch path when Triton is un
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("switchyard.engine.attention")
 
 
 @dataclass
@@ -129,7 +132,8 @@ def _triton():
                 from workers.engine import triton_attention
                 if triton_attention.available():
                     _triton_mod = triton_attention
-            except Exception:  # pragma: no cover - no triton on this machine
+            except (ImportError, RuntimeError) as e:  # pragma: no cover - no usable triton on this machine
+                log.debug("triton attention unavailable: %r", e)
                 _triton_mod = None
     return _triton_mod
 

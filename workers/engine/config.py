@@ -1,7 +1,14 @@
-"""Model shape and engine settings (plain data)."""
+"""Model shape and engine settings (plain data).
+
+EngineConfig is the one set of engine defaults: the in-process `Engine`, a worker process and a stack
+(`StackConfig.engine`, the `[engine]` table of `switchyard up --config`) all start from it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+LORA_MODES = ("auto", "triton", "sgmv", "bmm", "bgmv")
 
 
 @dataclass
@@ -55,3 +62,11 @@ class EngineConfig:
     block_weights: bool = True
     block_weights_max_rows: int = 16
     lora_mode: str = "auto"             # auto | sgmv (segment per adapter) | bmm (padded per adapter) | bgmv (gather per token)
+
+    def __post_init__(self) -> None:
+        if self.lora_adapters is None:   # a config file's `lora_adapters = null`
+            self.lora_adapters = {}
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode {self.lora_mode!r}: choose one of {', '.join(LORA_MODES)}")

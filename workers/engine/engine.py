@@ -13,9 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from batcher.engine_core import EngineCore, EngineStats, RequestOutput
-from batcher.scheduler import Scheduler
-from kv_manager.block_allocator import BlockAllocator
+from batcher.engine_core import EngineStats, RequestOutput, build_engine_core
 from workers.engine.config import EngineConfig
 from workers.engine.errors import InvalidRequestError, UnknownAdapterError
 from workers.engine.loader import LoadedModel, load_model
@@ -42,16 +40,13 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.runner = ModelRunner(loaded, self.config)
-        self.allocator = BlockAllocator(self.runner.num_blocks, self.config.block_size,
-                                        enable_prefix_caching=self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.allocator, max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.runner.max_model_len, max_waiting=self.config.max_waiting,
-            max_loras=self.config.max_loras)
-        self.core = EngineCore(self.scheduler, self.runner, self.tokenizer,
-                               eos_token_ids=loaded.tokenizer.eos_token_ids or loaded.config.eos_token_ids,
-                               seed=self.config.seed)
+        self.core = build_engine_core(self.config, num_blocks=self.runner.num_blocks,
+                                      block_size=self.runner.block_size, max_model_len=self.runner.max_model_len,
+                                      runner=self.runner, tokenizer=self.tokenizer,
+                                      eos_token_ids=loaded.tokenizer.eos_token_ids or loaded.config.eos_token_ids,
+                                      seed=self.config.seed)
+        self.scheduler = self.core.scheduler
+        self.allocator = self.scheduler.allocator
         self._ids = itertools.count()
 
     @classmethod

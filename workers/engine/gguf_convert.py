@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("switchyard.engine.gguf")
 
 CACHE_ENV = "SWITCHYARD_CACHE_DIR"
 HASHES_FILE = "gguf-hashes.json"   # in cache_root(): "path|size|mtime_ns" -> the file's SHA-256
@@ -150,7 +153,8 @@ def _read_metadata(reader) -> dict:
             continue
         try:
             md[name] = field.contents()
-        except Exception:  # pragma: no cover - exotic field types
+        except Exception as e:  # noqa: BLE001 - gguf-py on a field type it cannot decode: skip that field
+            log.debug("GGUF metadata field %s skipped: %r", name, e)
             continue
     return md
 

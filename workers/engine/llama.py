@@ -143,7 +143,7 @@ def _fuse(parts: list[torch.Tensor], device, dtype) -> torch.Tensor:
             st = p0.untyped_storage()
             adjacent = all(p.untyped_storage().data_ptr() == st.data_ptr() for p in parts) and all(
                 a.storage_offset() + a.numel() == b.storage_offset() for a, b in zip(parts, parts[1:]))
-        except Exception:
+        except RuntimeError:   # a tensor without a plain storage (meta, tensor subclasses): copy
             adjacent = False
         if adjacent:
             rows = sum(p.shape[0] for p in parts)

@@ -33,6 +33,7 @@ no LoraBatch at all (zero cost).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -43,8 +44,10 @@ from pathlib import Path
 
 import torch
 
-from workers.engine.config import ModelConfig
+from workers.engine.config import LORA_MODES, ModelConfig
 from workers.engine.errors import InvalidRequestError, UnknownAdapterError
+
+log = logging.getLogger("switchyard.engine.lora")
 
 # fused projection -> its sub-projections, in the order their outputs are concatenated
 KINDS: dict[str, tuple[str, ...]] = {
@@ -54,7 +57,6 @@ KINDS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
-LORA_MODES = ("auto", "triton", "sgmv", "bmm", "bgmv")
 SUPPORTED_TARGETS = tuple(m for subs in KINDS.values() for m in subs)
 _SUB_KIND = {m: (k, i) for k, subs in KINDS.items() for i, m in enumerate(subs)}
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -118,6 +120,8 @@ def read_peft_config(path: Path, name: str) -> dict:
         raise InvalidAdapterError(name, f"{path} has no adapter_config.json (expected a PEFT LoRA folder)")
     try:
         return json.loads(f.read_text())
+    except OSError as e:
+        raise InvalidAdapterError(name, f"cannot read {f}: {e}") from None
     except ValueError as e:
         raise InvalidAdapterError(name, f"{f} is not valid JSON: {e}") from None
 
@@ -125,6 +129,7 @@ def read_peft_config(path: Path, name: str) -> dict:
 def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_rank: int,
                  dtype: torch.dtype = torch.float32, pin: bool = False) -> LoraAdapter:
     """Read and validate a PEFT LoRA folder against the base model; raises InvalidAdapterError."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -149,8 +154,12 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
         bad = sorted({str(m).rsplit(".", 1)[-1] for m in tm} - set(SUPPORTED_TARGETS))
         if bad:
             raise InvalidAdapterError(name, f"target modules {bad} are not served; supported: {list(SUPPORTED_TARGETS)}")
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", r))
+    try:
+        r = int(cfg.get("r", 8))
+        alpha = float(cfg.get("lora_alpha", r))
+    except (TypeError, ValueError):
+        raise InvalidAdapterError(name, f"r={cfg.get('r')!r} / lora_alpha={cfg.get('lora_alpha')!r} "
+                                        f"must be numbers") from None
     if r <= 0:
         raise InvalidAdapterError(name, f"rank r={r} must be positive")
     if r > max_rank:
@@ -160,7 +169,10 @@ def load_adapter(name: str, path: str | Path, model_config: ModelConfig, *, max_
     wf = p / "adapter_model.safetensors"
     if not wf.is_file():
         raise InvalidAdapterError(name, f"{p} has no adapter_model.safetensors")
-    sd = load_file(str(wf))
+    try:
+        sd = load_file(str(wf))
+    except (OSError, SafetensorError) as e:   # unreadable, truncated, not safetensors
+        raise InvalidAdapterError(name, f"cannot read {wf}: {e}") from None
     dims = module_dims(model_config)
     raw: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     for key, t in sd.items():
@@ -504,7 +516,8 @@ def _triton_available() -> bool:
         try:
             from workers.engine import triton_lora
             _TRITON_OK = triton_lora.available()
-        except Exception:
+        except (ImportError, RuntimeError) as e:   # no usable triton here: the torch modes
+            log.debug("triton LoRA kernels unavailable: %r", e)
             _TRITON_OK = False
     return _TRITON_OK
 

@@ -20,7 +20,7 @@ try:
     import triton
     import triton.language as tl
     _HAVE_TRITON = True
-except Exception:  # pragma: no cover - triton not installed
+except (ImportError, RuntimeError):  # pragma: no cover - triton not installed, or unusable here
     triton = None
     tl = None
     _HAVE_TRITON = False
