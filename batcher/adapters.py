@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from common.waiting import Pulse
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
-from services.waiting import Pulse
 from workers.engine.errors import UnknownAdapterError
 
 log = logging.getLogger("switchyard.batcher")

@@ -1,7 +1,7 @@
 """Batcher process: `python -m batcher.main --worker-id w0 --worker-addr HOST:PORT --nats URL`."""
 from __future__ import annotations
 
-from services.service_main import Service, run_service
+from common.service_main import Service, run_service
 
 
 async def start(svc: Service) -> None:

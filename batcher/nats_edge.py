@@ -31,11 +31,11 @@ from typing import Protocol
 
 import nats.errors
 
+from common import subjects
+from common.waiting import Pulse, wait_set
+from kv_manager.event_codec import kv_events_to_proto
 from kv_manager.events import KvEvent
 from protos.switchyard.v1 import bus_pb2
-from services import subjects
-from services.bus_codec import kv_events_to_proto
-from services.waiting import Pulse, wait_set
 from workers.engine.errors import EngineError
 
 log = logging.getLogger("switchyard.batcher.edge")

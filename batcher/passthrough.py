@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass
 
 from batcher.nats_edge import NatsEdge
+from common import subjects
+from common.bus_codec import FINISH_TO_PB
+from common.config import StackConfig
+from common.waiting import wait_set
 from kv_manager.events import CLEARED, KvEvent
 from protos.switchyard.v1 import bus_pb2
-from services import subjects
-from services.bus_codec import FINISH_TO_PB
-from services.config import StackConfig
-from services.waiting import wait_set
 from workers.backends.base import EXHAUSTED, INVALID, NOT_FOUND, UNAVAILABLE, Backend, BackendError, BackendRequest
 from workers.engine.errors import QueueFullError
 from workers.step_codec import sampling_from_proto
@@ -216,7 +216,7 @@ class PassthroughBatcher:
         if self._tokenizer is None:
             loader = self._load_tokenizer
             if loader is None:
-                from services.tokenizers import load_tokenizer as loader
+                from common.tokenizers import load_tokenizer as loader
             self._tokenizer = await asyncio.get_running_loop().run_in_executor(None, loader, self.model)
         return self._tokenizer.decode(list(req.prompt_token_ids), skip_special_tokens=False)
 

@@ -4,13 +4,13 @@ Relays the worker's requests to an external engine (StackConfig.backend: triton 
 """
 from __future__ import annotations
 
-from services.service_main import Service, run_service
+from common.service_main import Service, run_service
 
 
 async def start(svc: Service) -> None:
     from batcher.passthrough import PassthroughBatcher
     from telemetry import metrics
-    from workers.backends.base import make_backend
+    from workers.backends.factory import make_backend
 
     cfg, wid = svc.cfg, svc.args.worker_id
     batcher_metrics = metrics.BatcherMetrics(cfg.model, wid, cfg.gpu_price(wid))

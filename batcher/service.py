@@ -27,12 +27,12 @@ from batcher.admission_window import AdmissionWindow
 from batcher.engine_core import EngineCore, RequestOutput, build_engine_core
 from batcher.nats_edge import NatsEdge
 from batcher.step_timing import StepTimer
+from common import rpc, subjects
+from common.bus_codec import FINISH_TO_PB
+from common.config import StackConfig
+from common.waiting import wait_set
 from kv_manager.events import CLEARED, KvEvent
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
-from services import rpc, subjects
-from services.bus_codec import FINISH_TO_PB
-from services.config import StackConfig
-from services.waiting import wait_set
 from telemetry import tracing
 from telemetry.metrics import BatcherMetrics
 from workers.engine.plan import StepPlan, StepResult
@@ -196,7 +196,7 @@ class BatcherService:
         if self._tokenizer is None or info.model != self.model:
             loader = self._load_tokenizer
             if loader is None:
-                from services.tokenizers import load_tokenizer as loader
+                from common.tokenizers import load_tokenizer as loader
             self._tokenizer = await asyncio.get_running_loop().run_in_executor(None, loader, info.model)
         self.model = info.model
         self.adapters.reset(info.adapters)   # after a worker restart: its start-up adapters only
@@ -376,6 +376,7 @@ class BatcherService:
         for rid, applied in aborts.items():
             if self.core.abort(rid):   # False: it finished meanwhile (its last chunk may still be going out)
                 self._priority.pop(rid, None)
+                self.metrics.forget(rid)
                 self._cost_base.pop(rid, None)
                 if self._spans is not None:
                     self._spans.abort(rid)
@@ -391,10 +392,12 @@ class BatcherService:
         streams = self.edge.streams
         cost = self.metrics.cost
         spans = self._spans if self._spans is not None and self._spans.reqs else None
+        now = time.perf_counter()
         for o in outputs:
             subject = streams.get(o.request_id)
             if subject is None:
                 continue
+            self.metrics.tokens_emitted(o.request_id, o.num_output_tokens, len(o.new_token_ids), now, o.finished)
             if o.num_output_tokens == 1:   # its first token: the cost share starts here
                 self._cost_base[o.request_id] = cost.first_token_base(o.num_prompt_tokens - o.num_cached_tokens)
             chunk = bus_pb2.TokenChunk(request_id=o.request_id, token_ids=o.new_token_ids, text=o.new_text)

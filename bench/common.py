@@ -49,7 +49,7 @@ def clean_json(x):
 
 def stack_config(model: str = "smollm2-135m", config_path: str | None = None, **overrides):
     """A StackConfig on free ports (the benchmarks start their own stack unless given --router)."""
-    from services.config import load_config
+    from common.config import load_config
     ports = dict(router_port=0, nats_port=0, kv_manager_port=0, worker_base_port=0)
     return load_config(config_path, **{**ports, "model": model, **overrides})
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _price(args) -> float:
     if args.gpu_usd_per_hour is not None:
         return args.gpu_usd_per_hour
-    from services.config import load_config
+    from common.config import load_config
     return load_config(None).gpu_usd_per_hour
 
 
@@ -60,7 +60,7 @@ async def _one(target, args, tok, shape, label: str) -> dict:
 def _engine(args):
     import torch
 
-    from workers.engine.engine import Engine
+    from batcher.engine import Engine
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     # No prefix caching: every variant re-runs the same prompts, and must not find them cached.
@@ -127,7 +127,7 @@ async def engine_vs_hf(args, eng, ours: dict | None) -> dict:
 def routing(args) -> dict:
     from bench.common import local_stack, stack_config
     from bench.targets import StackTarget
-    from services.tokenizers import load_tokenizer
+    from common.tokenizers import load_tokenizer
     a = argparse.Namespace(**vars(args))
     a.workload = "shared-prefix"
     shape = loadgen.LoadShape("poisson", rate=args.routing_rate or args.request_rate)
@@ -199,6 +199,8 @@ def print_report(rep: dict, out=sys.stdout) -> None:
               file=out)
     if "engine" in rep:
         e = rep["engine"]
+        if "batching" not in rep:
+            serve.print_summary(e["ours"], out)
         serve.print_summary(e["hf"], out)
         print(f"** ours / HF generate throughput: {e['ours_over_hf_throughput']:.2f}x; TTFT p99 ours "
               f"{e['ttft_p99_ms']['ours']:.0f} ms, HF {e['ttft_p99_ms']['hf']:.0f} ms", file=out)
@@ -221,15 +223,18 @@ def plots(rep: dict, out_dir: str) -> list:
     if "batching" in rep:
         v = [rep["batching"]["static"], rep["batching"]["continuous"]]
         paths += [P.compare_bars("batching", v, out / "compare_batching.png"),
-                  P.latency_cdfs(v, out / "compare_batching_cdf.png", "static vs continuous batching")]
+                  P.latency_cdfs(v, out / "compare_batching_cdf.png", "static vs continuous batching"),
+                  P.itl_by_position(v, out / "compare_batching_itl_by_position.png")]
     if "engine" in rep:
         v = [rep["engine"]["ours"], rep["engine"]["hf"]]
         paths += [P.compare_bars("engine", v, out / "compare_engine.png"),
-                  P.latency_cdfs(v, out / "compare_engine_cdf.png", "our engine vs HF generate")]
+                  P.latency_cdfs(v, out / "compare_engine_cdf.png", "our engine vs HF generate"),
+                  P.itl_by_position(v, out / "compare_engine_itl_by_position.png")]
     if "routing" in rep:
         v = list(rep["routing"]["policies"].values())
         paths += [P.compare_bars("routing", v, out / "compare_routing.png"),
-                  P.latency_cdfs(v, out / "compare_routing_cdf.png", "routing policies, shared-prefix workload")]
+                  P.latency_cdfs(v, out / "compare_routing_cdf.png", "routing policies, shared-prefix workload"),
+                  P.itl_by_position(v, out / "compare_routing_itl_by_position.png")]
     return paths
 
 

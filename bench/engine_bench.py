@@ -22,9 +22,9 @@ import urllib.request
 
 import torch
 
+from batcher.engine import Engine
 from bench.common import load_hf_model, machine_info, write_json
 from workers.engine.config import EngineConfig
-from workers.engine.engine import Engine
 from workers.engine.loader import load_model
 from workers.engine.model_runner import resolve_dtype
 from workers.engine.sampling_params import SamplingParams
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--eval-subset", type=int, default=0, metavar="N",  # bench/eval.py
+                    help="also run N items of the eval set on this engine; the JSON gets eval (accuracy, changed)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     res["engine_seconds"] = r["seconds"]
     res["engine_preemptions"] = eng.stats().num_preemptions
     res["peak_memory_mb"] = peak_memory_mb(args.device)
+    if args.eval_subset:   # what the model says, next to the speed it was measured at
+        from bench.eval import eval_summary
+        res["eval"] = eval_summary(eng, args.eval_subset)
     print(f"engine: {r['output_tok_s']:.1f} output tok/s ({r['output_tokens']} tokens in {r['seconds']:.1f} s); "
           f"bs1 decode {res['decode_ms_per_step_bs1']:.2f} ms/step"
           + (f" ({res['decode_ms_per_step_bs1_fp32']:.2f} on the fp32 weights alone)" if blocked else ""), flush=True)

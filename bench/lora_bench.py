@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from batcher.engine import Engine
 from bench.common import machine_info, write_json
 from bench.metrics import pct
 from workers.engine.config import EngineConfig
-from workers.engine.engine import Engine
 from workers.engine.loader import load_model
 from workers.engine.lora import SUPPORTED_TARGETS, module_dims
 from workers.engine.model_runner import resolve_dtype

@@ -7,6 +7,19 @@ Definitions (the ones vLLM's `bench serve` uses, stated here so the numbers can 
 - ITL: one value per output token after the first. A chunk carrying k tokens that arrives g after
   the previous chunk contributes k values of g/k (so a request's ITLs sum to E2E - TTFT); extra
   tokens in the first chunk contribute 0.
+- ITL at output position k (k >= 2): the gap before output token k, split the same way (a chunk of
+  n tokens after a gap g gives each of its tokens g/n). Positions are grouped into the buckets of
+  telemetry/metrics.py POSITION_BUCKETS (1, 2-10, 11-50, 51-100, 101-200, 201+), the ones the
+  batcher's `switchyard_inter_token_latency_by_position_seconds` histogram uses; bucket "1" has no
+  ITL, it is TTFT (reported as ttft_ms).
+- Perceived tokens/s (per request, 2+ output tokens): (output tokens - 1) / (E2E - TTFT), the rate
+  at which the text streams once it has started (1 / TPOT). Total output tokens/s is per run.
+- E2E split (per request, ms): queue, prefill and decode are the batcher's own times from the last
+  chunk's usage; router and nats come from traces when the run has them (telemetry/breakdown.py's
+  definitions), client_network = client E2E - the router's E2E (gRPC both ways + this client);
+  rest = E2E minus every part measured, so the parts add up to E2E. Without traces, rest is the
+  whole of client + gRPC + router + NATS. inference = prefill + decode; inference_ratio =
+  inference / E2E.
 - Percentiles: linear interpolation between closest ranks (numpy's default "linear" method).
 - Goodput: successful requests meeting every given SLO, per second of the run.
 - Cost: a GPU billed by the hour, busy at the measured throughput.
@@ -18,6 +31,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+
+from telemetry.breakdown import bound_verdict
+from telemetry.metrics import ITL_POSITION_BUCKET_NAMES, itls_by_position, position_bucket
 
 PERCENTILES = (50, 90, 95, 99)
 HOURS_PER_MONTH = 730.0                 # 365 * 24 / 12
@@ -39,6 +55,10 @@ class RequestRecord:
     error: str | None = None            # gRPC status name ("RESOURCE_EXHAUSTED", ...) or None
     worker_id: str = ""
     group: str = ""                     # workload tag (e.g. which shared prefix)
+    request_id: str = ""                # as sent (stack targets), to find the request's trace
+    queue_ms: float | None = None       # the batcher's usage times (None: the target has none)
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -61,6 +81,14 @@ class RequestRecord:
     def itls(self) -> list[float]:
         return itls_from_chunks(self.chunks)
 
+    @property
+    def position_itls(self) -> list[tuple[int, float]]:
+        return position_itls_from_chunks(self.chunks)
+
+    @property
+    def perceived_tok_s(self) -> float | None:
+        return perceived_tok_s(self.ttft, self.e2e, self.output_tokens)
+
 
 # ---- per-request metrics ---------------------------------------------------------------------
 def itls_from_chunks(chunks: list[tuple[float, int]]) -> list[float]:
@@ -76,6 +104,27 @@ def itls_from_chunks(chunks: list[tuple[float, int]]) -> list[float]:
             out.extend([(t - prev) / n] * n)
         prev = t
     return out
+
+
+def position_itls_from_chunks(chunks: list[tuple[float, int]]) -> list[tuple[int, float]]:
+    """(output position k, ITL) for every token k >= 2; the same values as itls_from_chunks, in order."""
+    out: list[tuple[int, float]] = []
+    prev_t: float | None = None
+    seen = 0
+    for t, n in chunks:
+        if n <= 0:
+            continue
+        out.extend(itls_by_position(seen, n, None if prev_t is None else t - prev_t))
+        seen += n
+        prev_t = t
+    return out
+
+
+def perceived_tok_s(ttft: float | None, e2e: float | None, output_tokens: int) -> float | None:
+    """Output tokens after the first / time after the first (None for fewer than 2 tokens)."""
+    if ttft is None or e2e is None or output_tokens < 2 or e2e <= ttft:
+        return None
+    return (output_tokens - 1) / (e2e - ttft)
 
 
 def tpot(ttft: float | None, e2e: float | None, output_tokens: int) -> float | None:
@@ -107,6 +156,79 @@ def summarize(xs: list[float], scale: float = 1.0) -> dict:
     ys = [x * scale for x in xs]
     out = {f"p{q}": percentile(ys, q) for q in PERCENTILES}
     out["mean"] = sum(ys) / len(ys) if ys else None
+    return out
+
+
+# ---- latency as users feel it -------------------------------------------------------------------
+def itl_by_position(records: list[RequestRecord], itl_slo_ms: float | None = None) -> dict:
+    """ITL percentiles (ms) per output-position bucket over successful requests, and the buckets
+    whose p99 exceeds itl_slo_ms. Bucket "1" is TTFT (its own summary, never flagged here)."""
+    by: dict[str, list[float]] = {b: [] for b in ITL_POSITION_BUCKET_NAMES}
+    ok = [r for r in records if r.ok]
+    for r in ok:
+        for k, itl in r.position_itls:
+            by[position_bucket(k)].append(itl)
+    buckets = {}
+    for b, xs in by.items():
+        s = summarize(xs, 1000.0)
+        s["count"] = len(xs)
+        buckets[b] = s
+    ttft = summarize([r.ttft for r in ok if r.ttft is not None], 1000.0)
+    ttft["count"] = sum(1 for r in ok if r.ttft is not None)
+    over = [b for b, s in buckets.items()
+            if itl_slo_ms is not None and s["p99"] is not None and s["p99"] > itl_slo_ms]
+    return {"buckets": buckets, "ttft": ttft, "itl_slo_ms": itl_slo_ms, "over_slo": over}
+
+
+def perceived_summary(records: list[RequestRecord]) -> dict:
+    """Percentiles of the per-request perceived tokens/s; p10 is the slow tail."""
+    xs = [v for r in records if r.ok and (v := r.perceived_tok_s) is not None]
+    return {"p10": percentile(xs, 10), "p50": percentile(xs, 50), "p90": percentile(xs, 90),
+            "mean": sum(xs) / len(xs) if xs else None, "count": len(xs)}
+
+
+SPLIT_PARTS = ("client_network", "router", "nats", "queue", "prefill", "decode", "rest")
+
+
+def e2e_split(e2e_ms: float, queue_ms: float | None, prefill_ms: float | None, decode_ms: float | None,
+              trace: dict | None = None) -> dict:
+    """One request's E2E (ms) cut into SPLIT_PARTS (None: not measured) + inference figures.
+
+    trace: {"e2e_ms": the router's E2E, "router": ..., "nats": ...} from telemetry/breakdown.py."""
+    parts: dict = {"e2e": e2e_ms, "client_network": None, "router": None, "nats": None,
+                   "queue": queue_ms, "prefill": prefill_ms, "decode": decode_ms}
+    if trace is not None:
+        parts["client_network"] = e2e_ms - trace["e2e_ms"]
+        parts["router"] = trace["router"]
+        parts["nats"] = trace["nats"]
+    parts["rest"] = e2e_ms - sum(parts[p] or 0.0 for p in SPLIT_PARTS if p != "rest")
+    have_batcher = None not in (queue_ms, prefill_ms, decode_ms)
+    parts["inference"] = (prefill_ms + decode_ms) if have_batcher else None
+    parts["outside_batcher"] = e2e_ms - queue_ms - prefill_ms - decode_ms if have_batcher else None
+    parts["inference_ratio"] = parts["inference"] / e2e_ms if have_batcher and e2e_ms > 0 else None
+    return parts
+
+
+def split_summary(rows: list[dict]) -> dict:
+    """Percentiles (ms) of each part over the requests that have it, each part's share of the summed
+    E2E of those requests, the inference ratio's percentiles and the one-line verdict (or None)."""
+    out: dict = {"requests": len(rows), "traced": sum(1 for r in rows if r["router"] is not None)}
+    shares: dict = {}
+    for p in SPLIT_PARTS + ("inference", "outside_batcher"):
+        have = [r for r in rows if r[p] is not None]
+        e2e = sum(r["e2e"] for r in have)
+        shares[p] = sum(r[p] for r in have) / e2e if have and e2e > 0 else None
+        s = {f"p{q}": percentile([r[p] for r in have], q) for q in (50, 90, 99)}
+        s["share_e2e"] = shares[p]
+        out[p] = s
+    ratios = [r["inference_ratio"] for r in rows if r["inference_ratio"] is not None]
+    out["inference_ratio"] = {"p10": percentile(ratios, 10), "p50": percentile(ratios, 50),
+                              "p90": percentile(ratios, 90), "run": shares["inference"]}
+    traced = out["traced"] == len(rows) and rows
+    out["verdict"] = bound_verdict(
+        inference=shares["inference"], queue=shares["queue"],
+        router_nats=(shares["router"] or 0) + (shares["nats"] or 0) if traced else shares["outside_batcher"],
+        client_network=shares["client_network"] if traced else None, split=bool(traced))
     return out
 
 
@@ -212,7 +334,9 @@ def cost_report(*, gpu_usd_per_hour: float, output_tok_s: float, total_tok_s: fl
 def run_report(records: list[RequestRecord], *, duration_s: float | None = None, slo_ttft_ms: float | None = None,
                slo_tpot_ms: float | None = None, slo_e2e_ms: float | None = None, gpu_usd_per_hour: float = 2.0,
                api_input_usd_per_m: float = DEFAULT_API_INPUT_USD_PER_M,
-               api_output_usd_per_m: float = DEFAULT_API_OUTPUT_USD_PER_M) -> dict:
+               api_output_usd_per_m: float = DEFAULT_API_OUTPUT_USD_PER_M, itl_slo_ms: float | None = None,
+               traces: dict[str, dict] | None = None) -> dict:
+    """traces: request id -> its row from telemetry/breakdown.py request_breakdowns (optional)."""
     dur = run_duration(records) if duration_s is None else duration_s
     ok = [r for r in records if r.ok]
     prompt = sum(r.prompt_tokens for r in ok)
@@ -232,8 +356,38 @@ def run_report(records: list[RequestRecord], *, duration_s: float | None = None,
         "goodput_req_s": goodput(records, dur, slo_ttft_ms, slo_tpot_ms, slo_e2e_ms),
         "errors": errors_by_status(records),
         "prefix_cache_hit_rate": prefix_hit_rate(records),
+        "itl_by_position_ms": itl_by_position(records, itl_slo_ms),
+        "perceived_tok_s": perceived_summary(records),
     }
+    rows = request_rows(records, traces)
+    rep["e2e_split_ms"] = split_summary([r["split"] for r in rows if r["split"] is not None])
+    rep["requests"] = rows
     rep.update(cost_report(gpu_usd_per_hour=gpu_usd_per_hour, output_tok_s=out_tok_s, total_tok_s=total_tok_s,
                            prompt_tokens=prompt, output_tokens=output, api_input_usd_per_m=api_input_usd_per_m,
                            api_output_usd_per_m=api_output_usd_per_m))
     return rep
+
+
+def trace_parts(tr: dict | None) -> dict | None:
+    """The E2E parts e2e_split takes, from one telemetry/breakdown.py request row."""
+    if tr is None:
+        return None
+    e = tr["e2e"]
+    return {"e2e_ms": tr["e2e_ms"], "router": e["router"] + e["kv_index"], "nats": e["nats"]}
+
+
+def request_rows(records: list[RequestRecord], traces: dict[str, dict] | None = None) -> list[dict]:
+    """One row per request for the JSON: its latencies, perceived tok/s and E2E split (ms)."""
+    rows = []
+    for r in records:
+        e2e = r.e2e
+        split = None
+        if e2e is not None:
+            split = e2e_split(e2e * 1000.0, r.queue_ms, r.prefill_ms, r.decode_ms,
+                              trace_parts((traces or {}).get(r.request_id)))
+        rows.append({"index": r.index, "request_id": r.request_id, "worker_id": r.worker_id, "ok": r.ok,
+                     "error": r.error, "output_tokens": r.output_tokens,
+                     "ttft_ms": None if r.ttft is None else r.ttft * 1000.0,
+                     "e2e_ms": None if e2e is None else e2e * 1000.0,
+                     "perceived_tok_s": r.perceived_tok_s, "split": split})
+    return rows

@@ -68,7 +68,7 @@ class EngineRunner:
     """The bare engine in this process: add_request/step, timestamp as each step returns."""
 
     def __init__(self, args):
-        from workers.engine.engine import Engine
+        from batcher.engine import Engine
         self.args = args
         # Steps run on a one-thread executor, exactly as the worker runs ModelRunner.execute: on a
         # busy 2-core box torch on the main thread measured ~4x slower than on a helper thread,
@@ -117,8 +117,8 @@ async def stack_round(stub, args, rnd: int) -> list[Trace]:
 
 async def run_all(args, router: str, floor: str) -> tuple[list[Trace], list[Trace], list[Trace]]:
     """Alternate engine, stack and floor rounds so all see the same background load on a shared box."""
+    from common.rpc import channel
     from protos.switchyard.v1 import inference_pb2_grpc
-    from services.rpc import channel
 
     engine = EngineRunner(args)
     eng_traces: list[Trace] = []

@@ -118,12 +118,43 @@ def timeline(rep: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def itl_by_position(runs: list[dict], path: Path, title: str = "") -> Path:
+    """ITL p50 (dashed) and p99 (solid) per output-position bucket, one colour per run; the ITL SLO
+    as a red line. Bucket "1" is TTFT, not an ITL, so it is not drawn."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    names: list[str] = []
+    slo = None
+    for i, r in enumerate(runs):
+        pos = r.get("itl_by_position_ms") or {}
+        buckets = pos.get("buckets") or {}
+        names = names or list(buckets)
+        slo = slo if slo is not None else pos.get("itl_slo_ms")
+        x = [j for j, b in enumerate(names) if (buckets.get(b) or {}).get("count")]
+        if not x:
+            continue
+        color = f"C{i % 10}"
+        ax.plot(x, [buckets[names[j]]["p99"] for j in x], marker="o", color=color, label=f"{_label(r)} p99")
+        ax.plot(x, [buckets[names[j]]["p50"] for j in x], marker=".", ls="--", color=color,
+                label=f"{_label(r)} p50")
+    ax.set_xticks(list(range(len(names))), names)
+    ax.set_xlabel("output position (token k; ITL = gap before token k)")
+    ax.set_ylabel("ITL (ms)")
+    if slo is not None:
+        ax.axhline(slo, color="red", ls=":", lw=1, label=f"ITL SLO {slo:g} ms")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.set_title(title or "ITL by output position")
+    return _save(fig, path)
+
+
 def serve_plots(rep: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     runs = rep.get("runs") or [rep]
     paths = [latency_cdfs(runs, out / "latency_cdf.png", rep.get("model", "")),
              latency_vs_rate(runs, out / "latency_vs_rate.png"),
-             throughput_vs_rate(runs, out / "throughput_vs_rate.png")]
+             throughput_vs_rate(runs, out / "throughput_vs_rate.png"),
+             itl_by_position(runs, out / "itl_by_position.png")]
     last = runs[-1]
     name = "spike_timeline.png" if (last.get("load") or {}).get("kind") == "spike" else "timeline.png"
     paths.append(timeline(last, out / name))

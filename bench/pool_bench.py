@@ -138,8 +138,8 @@ async def _models(stub) -> dict:
 async def run(router: str, args) -> dict:
     import grpc
 
+    from common.rpc import options
     from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    from services.rpc import options
     out: dict = {}
     async with grpc.aio.insecure_channel(router, options=options()) as ch:
         stub = inference_pb2_grpc.InferenceStub(ch)

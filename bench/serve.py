@@ -4,7 +4,10 @@ Drives a seeded workload (synthetic lengths, shared-prefix, or the repo's chat p
 load shape (Poisson, gamma bursts, fixed concurrency, a rate sweep, or a 10x spike) and reports
 TTFT / TPOT / ITL / E2E percentiles, request and token throughput, goodput under an SLO, errors
 by gRPC status, $ per 1K tokens from a GPU $/hour and the monthly volume above which
-self-hosting beats API pricing. --json writes it all; --plot writes PNGs.
+self-hosting beats API pricing. Latency as users feel it: ITL by output position (buckets over
+--itl-slo-ms flagged), perceived tokens/s per request, and each request's E2E split into client +
+network, router, NATS, queue, prefill, decode and the rest (router and NATS need --traces).
+--json writes it all; --plot writes PNGs.
 
 Without --router or --inproc it starts its own stack on free ports (and stops it after).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 from bench import loadgen, metrics, workloads
 from bench.common import machine_info, write_json
@@ -40,6 +44,8 @@ def add_cost_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-ttft-ms", type=float, default=50.0)
     g.add_argument("--slo-tpot-ms", type=float, default=None)
     g.add_argument("--slo-e2e-ms", type=float, default=None)
+    g.add_argument("--itl-slo-ms", type=float, default=None,
+                   help="flag every output-position bucket whose ITL p99 is above this")
     g.add_argument("--gpu-usd-per-hour", type=float, default=None,
                    help="accelerator price for the cost figures (default: the stack config's gpu_usd_per_hour)")
     g.add_argument("--api-input-usd-per-m", type=float, default=metrics.DEFAULT_API_INPUT_USD_PER_M,
@@ -63,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-num-seqs", type=int, default=None)
     t.add_argument("--max-waiting", type=int, default=None, help="admission bound (queue beyond it is shed)")
     t.add_argument("--torch-threads", type=int, default=None, help="in-process: torch.set_num_threads")
+    t.add_argument("--traces", action="store_true",
+                   help="trace the stack this starts (a trace file) and split router and NATS out of E2E")
+    t.add_argument("--trace-file", default=None,
+                   help="with --router: the trace file that stack writes (switchyard up --trace-file), "
+                        "read to split router and NATS out of E2E")
     lg = ap.add_argument_group("load shape")
     lg.add_argument("--load", choices=["poisson", "gamma", "concurrency", "sweep", "spike"], default="poisson")
     lg.add_argument("--request-rate", type=float, default=4.0, help="requests/s (spike: the base rate)")
@@ -110,12 +121,35 @@ def plan(args, tokenizer, shape: loadgen.LoadShape) -> tuple[list, list[float] |
     return specs, times
 
 
+def collect_traces(path: str, request_ids: list[str], timeout_s: float = 10.0) -> dict[str, dict]:
+    """request id -> its telemetry/breakdown.py row, from a trace file the stack writes; waits (up to
+    timeout_s) for the exporters' batches to land (they flush about once a second)."""
+    from telemetry.breakdown import load_spans, request_breakdowns
+    want = {r for r in request_ids if r}
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, dict] = {}
+    while True:
+        try:
+            found = {row["request_id"]: row for row in request_breakdowns(load_spans(path))
+                     if row["request_id"] in want}
+        except (OSError, ValueError):
+            found = {}
+        if len(found) == len(want) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def report_of(result: loadgen.RunResult, args, gpu_usd_per_hour: float, label: str = "") -> dict:
+    ok = [r for r in result.records if r.ok]
+    traces = None
+    trace_file = getattr(args, "trace_file", None)
+    if trace_file:
+        traces = collect_traces(trace_file, [r.request_id for r in ok])
     rep = metrics.run_report(result.records, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
                              slo_e2e_ms=args.slo_e2e_ms, gpu_usd_per_hour=gpu_usd_per_hour,
                              api_input_usd_per_m=args.api_input_usd_per_m,
-                             api_output_usd_per_m=args.api_output_usd_per_m)
-    ok = [r for r in result.records if r.ok]
+                             api_output_usd_per_m=args.api_output_usd_per_m,
+                             itl_slo_ms=getattr(args, "itl_slo_ms", None), traces=traces)
     rep["label"] = label
     rep["samples_ms"] = {"ttft": [r.ttft * 1000 for r in ok if r.ttft is not None],
                          "tpot": [r.tpot * 1000 for r in ok if r.tpot is not None],
@@ -180,18 +214,61 @@ def print_summary(rep: dict, out=sys.stdout) -> None:
     print("break-even vs API: " + (f"{be:,.0f} tokens/month" if be is not None else
                                    "never (one accelerator at this throughput costs more per token than the API)"),
           file=out)
+    print_user_latency(rep, out)
+
+
+def _ms(v) -> str:
+    return f"{v:>9.1f}" if v is not None else f"{'-':>9}"
+
+
+def print_user_latency(rep: dict, out=sys.stdout) -> None:
+    """ITL by output position, perceived tok/s and the E2E split (latency as users feel it)."""
+    pos = rep.get("itl_by_position_ms")
+    if pos:
+        slo = pos.get("itl_slo_ms")
+        print(f"   ITL by output position (ms){f'; SLO p99 <= {slo:g} ms' if slo is not None else ''}:", file=out)
+        print(f"   {'position':9} {'n':>6} {'p50':>9} {'p90':>9} {'p99':>9}", file=out)
+        t = pos["ttft"]
+        print(f"   {'1 (TTFT)':9} {t['count']:>6} {_ms(t['p50'])} {_ms(t['p90'])} {_ms(t['p99'])}", file=out)
+        for b, st in pos["buckets"].items():
+            if not st["count"]:
+                continue
+            flag = "  > SLO" if b in pos["over_slo"] else ""
+            print(f"   {b:9} {st['count']:>6} {_ms(st['p50'])} {_ms(st['p90'])} {_ms(st['p99'])}{flag}", file=out)
+        if pos["over_slo"]:
+            print(f"   ITL p99 over {slo:g} ms at positions {', '.join(pos['over_slo'])}", file=out)
+    per = rep.get("perceived_tok_s")
+    if per and per.get("count"):
+        print(f"   perceived tok/s per request (after the first token): p50 {per['p50']:.1f}, "
+              f"p10 (slow tail) {per['p10']:.1f}; total output {rep['output_tok_s']:.1f} tok/s", file=out)
+    sp = rep.get("e2e_split_ms")
+    if sp and sp.get("requests"):
+        cells = []
+        for p in metrics.SPLIT_PARTS:
+            d = sp[p]
+            if d["p50"] is not None:
+                share = f" {100 * d['share_e2e']:.0f}%" if d["share_e2e"] is not None else ""
+                cells.append(f"{p} {d['p50']:.1f}{share}")
+        print(f"   E2E split, p50 ms and share of E2E ({sp['traced']}/{sp['requests']} traced): "
+              + ", ".join(cells), file=out)
+        ir = sp["inference_ratio"]
+        if ir["p50"] is not None:
+            print(f"   inference (prefill+decode) / E2E: p50 {ir['p50']:.2f}, p10 {ir['p10']:.2f}, "
+                  f"run {ir['run']:.2f}", file=out)
+        if sp.get("verdict"):
+            print(f"   {sp['verdict']}", file=out)
 
 
 def make_target(args, stack_router: str | None = None):
     """(target, tokenizer, gpu $/h) for the options given."""
-    from services.config import load_config
+    from common.config import load_config
     cfg = load_config(args.config) if args.config else load_config(None)
     price = args.gpu_usd_per_hour if args.gpu_usd_per_hour is not None else cfg.gpu_usd_per_hour
     if args.inproc:
         import torch
 
+        from batcher.engine import Engine
         from bench.targets import EngineTarget
-        from workers.engine.engine import Engine
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
         over = dict(device=args.device, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
@@ -201,7 +278,7 @@ def make_target(args, stack_router: str | None = None):
         eng.warmup()
         return EngineTarget(eng), eng.tokenizer, price
     from bench.targets import StackTarget
-    from services.tokenizers import load_tokenizer
+    from common.tokenizers import load_tokenizer
     return StackTarget(stack_router or args.router, args.model, args.timeout_s), load_tokenizer(args.model), price
 
 
@@ -238,11 +315,25 @@ async def warm(target, tokenizer) -> None:
 
 def run(args) -> dict:
     if args.router or args.inproc:
+        if args.inproc:
+            args.trace_file = None
         return asyncio.run(_amain(args, args.router))
+    import shutil
+    import tempfile
+
     from bench.common import local_stack, stack_config
-    cfg = stack_config(args.model, args.config, **stack_overrides(args))
-    with local_stack(cfg) as stack:
-        rep = asyncio.run(_amain(args, stack.router_address))
+    over = stack_overrides(args)
+    trace_dir = tempfile.mkdtemp(prefix="switchyard-bench-traces-") if args.traces else None
+    args.trace_file = f"{trace_dir}/trace.jsonl" if trace_dir else None
+    if trace_dir:
+        over["trace_file"] = args.trace_file
+    cfg = stack_config(args.model, args.config, **over)
+    try:
+        with local_stack(cfg) as stack:
+            rep = asyncio.run(_amain(args, stack.router_address))
+    finally:
+        if trace_dir:
+            shutil.rmtree(trace_dir, ignore_errors=True)
     flat = {**cfg.to_dict(), **cfg.to_dict()["engine"]}   # engine keys side by side with the stack's
     rep["stack_config"] = {k: v for k, v in flat.items()
                            if k in ("workers", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_waiting",
@@ -251,7 +342,12 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.traces and (args.router or args.inproc):
+        ap.error("--traces traces the stack this command starts; with --router give that stack's --trace-file")
+    if args.trace_file and not args.router:
+        ap.error("--trace-file reads an already running stack's traces: use it with --router")
     rep = run(args)
     for r in rep.get("runs", [rep]):
         print_summary(r)

@@ -56,8 +56,8 @@ class NullModel(torch.nn.Module):
 
 def build_engine(batch: int, max_model_len: int, prompt_len: int, steps: int):
     """An Engine over NullModel with room for `batch` sequences of prompt_len + steps tokens."""
+    from batcher.engine import Engine
     from workers.engine.config import EngineConfig, ModelConfig
-    from workers.engine.engine import Engine
     from workers.engine.loader import LoadedModel, load_model
 
     tok = load_model("random", random_weights="tiny").tokenizer

@@ -23,8 +23,8 @@ class StackTarget:
     name = "stack"
 
     def __init__(self, router: str, model: str, timeout_s: float = 600.0, run_id: str | None = None):
+        from common.rpc import channel
         from protos.switchyard.v1 import inference_pb2_grpc
-        from services.rpc import channel
         self.router, self.model, self.timeout_s = router, model, timeout_s
         self.run_id = run_id or f"{time.time_ns():x}"
         self._ch = channel(router)
@@ -44,6 +44,7 @@ class StackTarget:
         else:
             req.prompt = spec.prompt
         counted = 0
+        rec.request_id = req.request_id
         try:
             async for r in self._stub.Generate(req, timeout=self.timeout_s):
                 now = time.perf_counter()
@@ -55,6 +56,7 @@ class StackTarget:
                     u = r.usage
                     rec.prompt_tokens, rec.output_tokens = u.prompt_tokens, u.completion_tokens
                     rec.cached_tokens = u.cached_tokens
+                    rec.queue_ms, rec.prefill_ms, rec.decode_ms = u.queue_ms, u.prefill_ms, u.decode_ms
                     rec.worker_id = u.worker_id or rec.worker_id
             rec.output_tokens = rec.output_tokens or counted
         except grpc.aio.AioRpcError as e:
@@ -179,6 +181,7 @@ class EngineTarget(_ThreadTarget):
                     if o.finished:
                         rec.prompt_tokens, rec.output_tokens = o.num_prompt_tokens, o.num_output_tokens
                         rec.cached_tokens = o.num_cached_tokens
+                        rec.queue_ms, rec.prefill_ms, rec.decode_ms = o.queue_ms, o.prefill_ms, o.decode_ms
                         if o.finish_reason == "abort":
                             rec.error = "CANCELLED"
                         del self._live[o.request_id]

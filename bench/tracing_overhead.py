@@ -64,8 +64,8 @@ async def one_round(stub, args, tag: str) -> tuple[float, int, list[float]]:
 async def run_rounds(args, routers: dict[str, str], pids: dict[str, list[int]]) -> dict:
     import grpc
 
+    from common.rpc import options
     from protos.switchyard.v1 import inference_pb2_grpc
-    from services.rpc import options
 
     chans = {m: grpc.aio.insecure_channel(a, options=options()) for m, a in routers.items()}
     stubs = {m: inference_pb2_grpc.InferenceStub(c) for m, c in chans.items()}
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
 
-    from services.config import load_config
+    from common.config import load_config
     from services.launcher import Stack
 
     env_backup = {k: os.environ.pop(k, None) for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "SWITCHYARD_TRACE_FILE")}

@@ -31,8 +31,8 @@ def pct_ms(xs: list[float], p: float) -> float:
 async def native(router: str, model: str, max_tokens: int):
     import grpc
 
+    from common.rpc import options
     from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    from services.rpc import options
     req = inference_pb2.GenerateRequest(model=model, prompt=PROMPT, sampling=common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     async with grpc.aio.insecure_channel(router, options=options()) as ch:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from contextlib import ExitStack
 
     from bench.common import local_stack
-    from services.config import load_config
+    from common.config import load_config
     small = dict(num_kv_blocks=256, max_model_len=512, max_num_seqs=8, drain_grace_s=2.0, model=args.model,
                  router_port=0, nats_port=0, kv_manager_port=0, worker_base_port=0)
     with ExitStack() as stacks:

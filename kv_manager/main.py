@@ -1,7 +1,7 @@
 """KV index process: `python -m kv_manager.main --port P --nats URL`."""
 from __future__ import annotations
 
-from services.service_main import Service, run_service
+from common.service_main import Service, run_service
 
 SERVICE = "switchyard.v1.KvIndex"
 

@@ -2,32 +2,24 @@
 
 NATS in: `sy.kv.*` (KvEventBatch per engine step) and `sy.hb.*` (Heartbeat). gRPC out:
 `KvIndex/Match` (prompt block hashes -> per-worker leading overlap + load) and `KvIndex/Status`.
-A worker silent for worker_timeout_s is forgotten (its blocks leave the index).
+Workers come from one ReplicaTable (common/replicas.py); one silent for worker_timeout_s is
+forgotten (its blocks leave the index).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 
 import nats.errors
 
+from common import subjects
+from common.replicas import EXPIRE_EVERY_S, ReplicaTable, ReplicaView
+from kv_manager.event_codec import kv_events_from_proto
 from kv_manager.index import KvIndex
 from protos.switchyard.v1 import bus_pb2, kv_index_pb2, kv_index_pb2_grpc
-from services import subjects
-from services.bus_codec import kv_events_from_proto
-from services.waiting import wait_set
 
 log = logging.getLogger("switchyard.kv_manager")
-
-REAP_EVERY_S = 0.25
-
-
-@dataclass
-class WorkerState:
-    heartbeat: bus_pb2.Heartbeat
-    last_seen: float  # time.monotonic()
 
 
 class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
@@ -39,8 +31,7 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
             metrics = KvIndexMetrics(CollectorRegistry())
         self.metrics = metrics
         self.index = KvIndex()
-        self.workers: dict[str, WorkerState] = {}
-        self.worker_timeout_s = worker_timeout_s
+        self.table = ReplicaTable(worker_timeout_s)
         self._kv_seq: dict[str, int] = {}
         self._subs = []
         self._reaper: asyncio.Task | None = None
@@ -49,7 +40,9 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
     async def start(self, nc) -> None:
         self._subs = [await nc.subscribe(subjects.ALL_KV_EVENTS, cb=self._on_kv),
                       await nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat)]
-        self._reaper = asyncio.create_task(self._reap_loop())
+        # A worker's silence is no event: the table looks for silent ones every EXPIRE_EVERY_S, until stop().
+        self._reaper = asyncio.create_task(self.table.expire_every(EXPIRE_EVERY_S, self._stop, on_expired=self._forget,
+                                                                   on_tick=self._update_gauges))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -75,38 +68,32 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
             self.index.apply(wid, ev)
 
     async def _on_heartbeat(self, msg) -> None:
-        hb = bus_pb2.Heartbeat.FromString(msg.data)
-        self.workers[hb.worker_id] = WorkerState(hb, time.monotonic())
-
-    async def _reap_loop(self) -> None:
-        # A worker's silence is no event: look for silent ones every REAP_EVERY_S, until stop().
-        while not await wait_set(self._stop, REAP_EVERY_S):
-            self.reap()
-            self._update_gauges()
+        self.table.observe(bus_pb2.Heartbeat.FromString(msg.data))
 
     def _update_gauges(self) -> None:
         m = self.metrics
-        m.workers.set(len(self.workers))
-        for wid in self.workers:
+        m.workers.set(len(self.table))
+        for wid in self.table.workers:
             m.blocks.labels(wid).set(self.index.num_blocks(wid))
 
     def reap(self, now: float | None = None) -> list[str]:
-        """Drop workers silent for longer than the timeout; returns their ids."""
-        now = time.monotonic() if now is None else now
-        gone = [w for w, st in self.workers.items() if now - st.last_seen > self.worker_timeout_s]
+        """Drop workers silent for longer than the timeout (and their blocks); returns their ids."""
+        gone = self.table.expire(now)
         for w in gone:
-            del self.workers[w]
-            self.index.remove_worker(w)
-            try:
-                self.metrics.blocks.remove(w)
-            except KeyError:
-                pass
-            self._kv_seq.pop(w, None)
+            self._forget(w)
         return gone
 
-    def live_workers(self, model: str = "") -> list[WorkerState]:
-        return [st for st in self.workers.values()
-                if st.heartbeat.healthy and (not model or st.heartbeat.model == model)]
+    def _forget(self, w: str) -> None:
+        """A worker left the table: its blocks leave the index."""
+        self.index.remove_worker(w)
+        try:
+            self.metrics.blocks.remove(w)
+        except KeyError:
+            pass
+        self._kv_seq.pop(w, None)
+
+    def live_workers(self, model: str = "") -> list[ReplicaView]:
+        return self.table.live(model)
 
     # ---- gRPC --------------------------------------------------------------------------------
     async def Match(self, request: kv_index_pb2.MatchRequest, context) -> kv_index_pb2.MatchResponse:
@@ -125,21 +112,5 @@ class KvIndexService(kv_index_pb2_grpc.KvIndexServicer):
         return self.status()
 
     def status(self) -> kv_index_pb2.StatusResponse:
-        now = time.monotonic()
-        resp = kv_index_pb2.StatusResponse(indexed_blocks_total=len(self.index))
-        for wid in sorted(self.workers):
-            st = self.workers[wid]
-            resp.workers.append(status_from_heartbeat(st.heartbeat, now - st.last_seen,
-                                                      self.index.num_blocks(wid)))
-        return resp
-
-
-def status_from_heartbeat(hb: bus_pb2.Heartbeat, age_s: float, indexed_blocks: int = 0) -> kv_index_pb2.WorkerStatus:
-    return kv_index_pb2.WorkerStatus(
-        worker_id=hb.worker_id, model=hb.model, healthy=hb.healthy, draining=hb.draining,
-        num_running=hb.num_running, num_waiting=hb.num_waiting, kv_usage=hb.kv_usage,
-        num_free_blocks=hb.num_free_blocks, num_blocks=hb.num_blocks, block_size=hb.block_size,
-        max_model_len=hb.max_model_len, prefix_cache_hit_rate=hb.prefix_cache_hit_rate,
-        num_preemptions=hb.num_preemptions, prompt_tokens_total=hb.prompt_tokens_total,
-        generation_tokens_total=hb.generation_tokens_total, indexed_blocks=indexed_blocks,
-        last_seen_ms_ago=1000.0 * age_s)
+        indexed = {wid: self.index.num_blocks(wid) for wid in self.table.workers}
+        return kv_index_pb2.StatusResponse(indexed_blocks_total=len(self.index), workers=self.table.status(indexed))

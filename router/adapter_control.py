@@ -24,13 +24,13 @@ from collections.abc import Iterable
 import grpc
 import nats.errors
 
+from common import subjects
+from common.catalog import split_served
+from common.waiting import wait_set
 from protos.switchyard.v1 import bus_pb2, inference_pb2
 from router.adapter_registry import AdapterEntry
 from router.admin_auth import check_admin
 from router.validation import RequestError, invalid
-from services import subjects
-from services.catalog import split_served
-from services.waiting import wait_set
 
 log = logging.getLogger("switchyard.router.adapters")
 
@@ -175,7 +175,7 @@ class AdapterControl:
             min(WAIT_MAX_S, remaining if remaining is not None else math.inf))
 
     def _served(self, model: str, adapter_id: str) -> bool:
-        return any(adapter_id in w.heartbeat.adapters for w in self.router.table.routable(model))
+        return bool(self.router.table.with_adapter(adapter_id, model))
 
     # ---- Admin / ListAdapters ------------------------------------------------------------------
     def _base(self, base: str) -> str:
@@ -249,7 +249,7 @@ class AdapterControl:
                      context) -> inference_pb2.UnloadAdapterResponse:
         check_admin(context, self.router.cfg)
         name = request.name
-        advertising = {w.worker_id for w in self.router.table.workers.values() if name in w.heartbeat.adapters}
+        advertising = {w.worker_id for w in self.router.table.with_adapter(name, routable=False)}
         if name not in self.registry and not advertising:
             known = sorted(self.names() | self._advertised())
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not loaded; known adapters: "
@@ -272,11 +272,10 @@ class AdapterControl:
         return inference_pb2.UnloadAdapterResponse(workers=done, message=msg)
 
     def _advertised(self) -> set[str]:
-        return {a for w in self.router.table.workers.values() if w.routable for a in w.heartbeat.adapters}
+        return self.router.table.adapters()
 
     def info(self, e: AdapterEntry) -> inference_pb2.AdapterInfo:
-        workers = sorted(w.worker_id for w in self.router.table.workers.values()
-                         if w.routable and e.name in w.heartbeat.adapters)
+        workers = sorted(w.worker_id for w in self.router.table.with_adapter(e.name))
         return inference_pb2.AdapterInfo(name=e.name, base_model=e.base, path=e.path, capabilities=e.capabilities,
                                          origin=e.origin, workers=workers)
 

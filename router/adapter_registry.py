@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.catalog import split_served
+from common.catalog import split_served
 
 
 @dataclass

@@ -26,14 +26,14 @@ import time
 
 import grpc
 
+from common.catalog import ModelSpec, load_catalog, split_served
+from common.waiting import wait_set
 from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
 from router import routing
 from router.adapter_registry import AdapterEntry
 from router.admin_auth import check_admin
 from router.intent import load_classifier
 from router.validation import RequestError
-from services.catalog import ModelSpec, load_catalog, split_served
-from services.waiting import wait_set
 from telemetry import tracing
 
 log = logging.getLogger("switchyard.router.pool")
@@ -59,7 +59,7 @@ class PoolRouting:
         self.classifier = load_classifier(self.catalog)
         for a in self.catalog.adapters:   # pushed to their base's replicas by router/adapter_control.py
             router.adapters.add(AdapterEntry(a.name, a.base, a.path, list(a.capabilities), origin="catalogue"))
-        from services import rpc
+        from common import rpc
         # No pool control port (a cluster: KEDA scales the replicas): route over what heartbeats.
         self._channel = rpc.channel(f"{cfg.host}:{cfg.pool_control_port}", cfg.max_message_bytes) \
             if cfg.pool_control_port else None

@@ -12,7 +12,7 @@ import importlib
 import re
 from typing import Protocol
 
-from services.catalog import Catalog, IntentRule
+from common.catalog import Catalog, IntentRule
 
 
 class IntentClassifier(Protocol):

@@ -1,7 +1,7 @@
 """Router process: `python -m router.main --port P --nats URL --kv-manager HOST:PORT`."""
 from __future__ import annotations
 
-from services.service_main import Service, run_service
+from common.service_main import Service, run_service
 
 SERVICES = ["switchyard.v1.Inference", "switchyard.v1.Admin"]
 

@@ -5,39 +5,18 @@ routing benchmark (`switchyard bench compare --routing`) measures it against:
 "least_loaded" (lowest load, prefix overlap ignored) and "round_robin" (each model's routable
 workers in turn, in worker-id order).
 
-Candidates come from batcher heartbeats (a worker silent for `timeout_s` is dropped). Load is the
-larger of what the worker last reported and what this router has in flight on it: heartbeats are
-up to an interval old, and a burst of requests must spread before the next one arrives.
-`WorkerTable.changed` fires on every heartbeat observed and every worker dropped, so whoever waits
-for a worker to show something (an adapter, a model's replica) waits on it, not on a timer.
+Candidates come from batcher heartbeats through the router's `WorkerTable`, a ReplicaTable
+(common/replicas.py: expiry, load, models, adapters, and the `changed` pulse whoever waits for a
+worker to show something waits on). A candidate's load is the larger of what the worker last
+reported and what this router has in flight on it: heartbeats are up to an interval old, and a burst
+of requests must spread before the next one arrives.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from protos.switchyard.v1 import bus_pb2
-from services.waiting import Pulse
-
-
-@dataclass
-class WorkerView:
-    worker_id: str
-    heartbeat: bus_pb2.Heartbeat
-    last_seen: float                     # time.monotonic()
-    in_flight: int = 0                   # this router's open streams on it
-
-    @property
-    def model(self) -> str:
-        return self.heartbeat.model
-
-    @property
-    def routable(self) -> bool:
-        return self.heartbeat.healthy and not self.heartbeat.draining
-
-    @property
-    def reported_load(self) -> int:
-        return self.heartbeat.num_running + self.heartbeat.num_waiting
+from common.config import KV, LEAST_LOADED, POLICIES, ROUND_ROBIN, normalize_policy
+from common.replicas import ReplicaTable
 
 
 @dataclass
@@ -50,16 +29,6 @@ class Candidate:
 def cost(c: Candidate, prompt_blocks: int, overlap_weight: float = 1.0, load_weight: float = 1.0) -> float:
     uncached = max(0, prompt_blocks - c.matched_blocks)
     return overlap_weight * uncached + load_weight * c.load
-
-
-KV, LEAST_LOADED, ROUND_ROBIN = "kv", "least_loaded", "round_robin"
-POLICIES = (KV, LEAST_LOADED, ROUND_ROBIN)
-
-
-def normalize_policy(name: str) -> str:
-    """'round-robin' / 'Round_Robin' -> 'round_robin'; 'kv-aware' -> 'kv'."""
-    n = str(name).strip().lower().replace("-", "_")
-    return KV if n in ("kv_aware", "kv_locality") else n
 
 
 class RoundRobin:
@@ -101,42 +70,9 @@ def choose(candidates: list[Candidate], prompt_blocks: int, overlap_weight: floa
     raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-@dataclass
-class WorkerTable:
-    timeout_s: float = 3.0
-    workers: dict[str, WorkerView] = field(default_factory=dict)
-    changed: Pulse = field(default_factory=Pulse, repr=False, compare=False)
-
-    def observe(self, hb: bus_pb2.Heartbeat, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        w = self.workers.get(hb.worker_id)
-        if w is None:
-            self.workers[hb.worker_id] = WorkerView(hb.worker_id, hb, now)
-        else:
-            w.heartbeat, w.last_seen = hb, now
-        self.changed.fire()
-
-    def expire(self, now: float | None = None) -> list[str]:
-        """Drop workers silent for longer than timeout_s; returns the dropped ids."""
-        now = time.monotonic() if now is None else now
-        gone = [wid for wid, w in self.workers.items() if now - w.last_seen > self.timeout_s]
-        for wid in gone:
-            del self.workers[wid]
-        if gone:
-            self.changed.fire()
-        return gone
-
-    def routable(self, model: str) -> list[WorkerView]:
-        return [w for w in self.workers.values() if w.model == model and w.routable]
-
-    def models(self) -> dict[str, list[WorkerView]]:
-        out: dict[str, list[WorkerView]] = {}
-        for w in self.workers.values():
-            if w.routable:
-                out.setdefault(w.model, []).append(w)
-        return out
+class WorkerTable(ReplicaTable):
+    """The router's replica table (common/replicas.py), plus the routing candidates it yields."""
 
     def candidates(self, model: str, matched: dict[str, int] | None = None) -> list[Candidate]:
         matched = matched or {}
-        return [Candidate(w.worker_id, matched.get(w.worker_id, 0), max(w.reported_load, w.in_flight))
-                for w in self.routable(model)]
+        return [Candidate(w.worker_id, matched.get(w.worker_id, 0), w.load) for w in self.routable(model)]

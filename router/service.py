@@ -15,6 +15,11 @@ import time
 import grpc
 import nats.errors
 
+from common import subjects
+from common.bus_codec import FINISH_FROM_PB
+from common.config import StackConfig
+from common.replicas import EXPIRE_EVERY_S
+from common.waiting import Pulse
 from kv_manager.block_hash import block_hashes
 from protos.switchyard.v1 import bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
 from router import routing
@@ -22,10 +27,6 @@ from router.adapter_control import AdapterControl
 from router.adapter_registry import AdapterRegistry
 from router.recent_prefixes import RecentPrefixes, merge_matches
 from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
-from services import subjects
-from services.bus_codec import FINISH_FROM_PB
-from services.config import StackConfig
-from services.waiting import Pulse, wait_set
 from telemetry import propagation, tracing
 from telemetry.metrics import RouterMetrics
 from workers.step_codec import sampling_to_proto
@@ -41,7 +42,6 @@ _ERROR_CODES = {
 }
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
-EXPIRE_EVERY_S = 0.25    # how often silent workers are looked for (their silence is no event)
 
 
 class _WorkerGone:
@@ -82,7 +82,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
     async def start(self) -> None:
         await self.tokenizer(self.cfg.model)  # load before SERVING: the first request must not pay it
         self._subs.append(await self.nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat))
-        self._tasks.append(asyncio.create_task(self._expire_loop(), name="router-expire"))
+        self._tasks.append(asyncio.create_task(
+            self.table.expire_every(EXPIRE_EVERY_S, self._stop, on_expired=self._worker_expired), name="router-expire"))
         if self.cfg.pool_config:   # a model pool: model selection in router/catalog_routing.py
             from router.catalog_routing import PoolRouting
             self.pool_routing = PoolRouting(self)
@@ -118,7 +119,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         if tok is None:
             loader = self._load_tokenizer
             if loader is None:
-                from services.tokenizers import load_tokenizer as loader
+                from common.tokenizers import load_tokenizer as loader
             tok = await asyncio.get_running_loop().run_in_executor(None, loader, model)
             self._tokenizers[model] = tok
         return tok
@@ -130,20 +131,18 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
     # ---- heartbeats ----------------------------------------------------------------------------
     async def _on_heartbeat(self, msg) -> None:
         hb = bus_pb2.Heartbeat.FromString(msg.data)
-        prev = self.table.workers.get(hb.worker_id)
-        self.table.observe(hb)
-        if prev is not None:
+        joined = hb.worker_id not in self.table
+        view = self.table.observe(hb)
+        if not joined:
             return
         # A worker (re)joining: keep the router's own in-flight count for it.
-        self.table.workers[hb.worker_id].in_flight = sum(1 for w, _ in self._streams.values() if w == hb.worker_id)
+        view.in_flight = sum(1 for w, _ in self._streams.values() if w == hb.worker_id)
         self.adapter_control.worker_joined()
 
-    async def _expire_loop(self) -> None:
-        while not await wait_set(self._stop, EXPIRE_EVERY_S):
-            for wid in self.table.expire():
-                log.warning("worker %s silent for %.1fs: dropped", wid, self.cfg.worker_timeout_s)
-                self._fail_worker_streams(wid, f"worker {wid} stopped responding (no heartbeat for "
-                                               f"{self.cfg.worker_timeout_s:.0f}s); retry")
+    def _worker_expired(self, wid: str) -> None:
+        log.warning("worker %s silent for %.1fs: dropped", wid, self.cfg.worker_timeout_s)
+        self._fail_worker_streams(wid, f"worker {wid} stopped responding (no heartbeat for "
+                                       f"{self.cfg.worker_timeout_s:.0f}s); retry")
 
     def _fail_worker_streams(self, worker_id: str, message: str) -> None:
         for w, q in self._streams.values():
@@ -154,8 +153,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
     def known_adapters(self) -> set[str]:
         """LoRA adapter names some routable worker advertises in its heartbeat, and registered ones
         (a request for one not served yet waits for it: AdapterControl.wait_served)."""
-        advertised = {a for ws in self.table.models().values() for w in ws for a in w.heartbeat.adapters}
-        return advertised | self.adapter_control.names()
+        return self.table.adapters() | self.adapter_control.names()
 
     async def _pick_worker(self, model: str, token_ids: list[int], adapter_id: str | None = None) -> str:
         views = self.table.routable(model)
@@ -163,7 +161,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                f"no healthy worker serves model {model!r} right now; retry")
         if adapter_id:   # only workers serving the adapter; KV hashes are per adapter
-            views = [w for w in views if adapter_id in w.heartbeat.adapters]
+            views = [w for w in views if w.serves(adapter_id)]
             if not views:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"adapter {adapter_id!r} is not served for model {model!r}", "adapter_id")
@@ -437,7 +435,6 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     async def Status(self, request, context) -> kv_index_pb2.StatusResponse:
         """The workers as this router sees them, plus the KV index's block counts (best effort)."""
-        from kv_manager.service import status_from_heartbeat
         indexed: dict[str, int] = {}
         total = 0
         if self.kv is not None:
@@ -447,14 +444,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 total = kv_status.indexed_blocks_total
             except grpc.aio.AioRpcError:
                 pass
-        now = time.monotonic()
-        resp = kv_index_pb2.StatusResponse(indexed_blocks_total=total)
-        for wid in sorted(self.table.workers):
-            w = self.table.workers[wid]
-            ws = status_from_heartbeat(w.heartbeat, now - w.last_seen, indexed.get(wid, 0))
-            ws.router_in_flight = w.in_flight
-            resp.workers.append(ws)
-        return resp
+        return kv_index_pb2.StatusResponse(indexed_blocks_total=total, workers=self.table.status(indexed))
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from common import subjects
 from protos.switchyard.v1 import inference_pb2
-from services import subjects
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import sampling_from_proto

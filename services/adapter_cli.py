@@ -9,8 +9,8 @@ import sys
 def adapters_dict(router: str, base: str = "", timeout: float = 5.0) -> list[dict]:
     from google.protobuf.json_format import MessageToDict
 
+    from common.rpc import sync_channel
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    from services.rpc import sync_channel
     with sync_channel(router) as ch:
         resp = inference_pb2_grpc.InferenceStub(ch).ListAdapters(inference_pb2.ListAdaptersRequest(base_model=base),
                                                                  timeout=timeout)
@@ -38,7 +38,7 @@ def cmd_adapters(args) -> int:
 
 
 def cmd_admin_adapter(args) -> int:
-    from services.pool_cli import admin_call
+    from services.client import admin_call
     def call(stub, pb, md):
         if args.admin_cmd == "load-adapter":
             # The workers read the path; a folder that exists here is sent absolute (same machine).

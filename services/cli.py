@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from services.config import DEFAULT_ROUTER_PORT, load_config
+from common.config import DEFAULT_ROUTER_PORT, load_config
 from workers.engine.config import DTYPES, LORA_MODES
 
 
@@ -35,18 +35,18 @@ def effective_config(args):
     """What `switchyard up` would run: up_config plus a pool catalogue's [stack] table."""
     cfg = up_config(args)
     if cfg.pool_config:
-        from services.catalog import load_catalog
+        from common.catalog import load_catalog
         from services.pool_setup import apply_stack_overrides
         cfg = apply_stack_overrides(cfg, load_catalog(cfg.pool_config).stack)
     return cfg
 
 
 def cmd_up(args) -> int:
+    from common.ports import PortInUseError
     from services.launcher import run_up
-    from services.ports import PortInUseError
     try:
         if args.print_config:
-            from services.config import render_config
+            from common.config import render_config
             print(render_config(effective_config(args), args.print_config), end="")
             return 0
         return run_up(up_config(args), args.workdir, demo=args.demo)
@@ -63,8 +63,8 @@ def cmd_generate(args) -> int:
 
 
 def status_dict(router: str, timeout: float = 5.0) -> dict:
+    from common.rpc import message_dict, sync_channel
     from protos.switchyard.v1 import inference_pb2_grpc, kv_index_pb2
-    from services.rpc import message_dict, sync_channel
     with sync_channel(router) as ch:
         st = inference_pb2_grpc.AdminStub(ch).Status(kv_index_pb2.StatusRequest(), timeout=timeout)
     d = message_dict(st)
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start nats, kv_manager, router and workers; Ctrl-C drains and stops")
-    up.add_argument("--config", help="TOML or JSON file (keys: services/config.py StackConfig)")
+    up.add_argument("--config", help="TOML or JSON file (keys: common/config.py StackConfig)")
     up.add_argument("--port", type=int, default=None, help=f"router port (default {DEFAULT_ROUTER_PORT}; 0 = any free)")
     up.add_argument("--nats-port", type=int, default=None, metavar="P",
                     help="NATS port (default: a free one; config nats_port)")
@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--router", default=default_router())
 
+    from services.adapter_cli import add_parsers as add_adapter_parsers
     from services.pool_cli import add_parsers as add_pool_parsers
-    add_pool_parsers(sub, default_router())
+    admin_sub = add_pool_parsers(sub, default_router())
+    add_adapter_parsers(sub, admin_sub, default_router())
 
     tr = sub.add_parser("trace", help="read a --trace-file")
     trsub = tr.add_subparsers(dest="trace_cmd", required=True)
@@ -221,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "step (host ms per engine step, forward a no-op)")
     b.add_argument("what", choices=["overhead", "engine", "tracing", "serve", "compare", "triton", "pool", "lora",
                                     "step"])
+    # `switchyard eval [...]`: its options are bench/eval.py's own parser (dispatched in main)
+    sub.add_parser("eval", add_help=False, help="accuracy on the fixed eval set, and answers changed vs the baseline "
+                                                "(--inproc | --router ADDR, --subset N, --matrix, --write-baseline)")
     return ap
 
 
@@ -231,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         # Everything after `bench <what>` belongs to the benchmark's own parser.
         args, rest = ap.parse_known_args(argv[:2])
         return cmd_bench(args, argv[2:])
+    if argv[:1] == ["eval"]:
+        from bench.eval import main as eval_main
+        return eval_main(argv[1:]) or 0
     args = ap.parse_args(argv)
     if args.cmd in ("models", "admin", "adapters"):
         return args.func(args)

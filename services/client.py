@@ -1,12 +1,15 @@
-"""A small streaming client over the generated stubs (used by `switchyard generate` and the demo)."""
+"""Small clients over the generated stubs: a streaming Generate (`switchyard generate`, the demo) and the
+admin calls of `switchyard admin ...` (services/pool_cli.py, services/adapter_cli.py)."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import grpc
 
+from common.rpc import options
 from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from services.rpc import options
 
 
 def stream_generate(router: str, prompt: str, *, model: str | None = None, max_tokens: int = 64,
@@ -56,3 +59,26 @@ def usage_line(last: inference_pb2.GenerateResponse) -> str:
     return (f"[{common_pb2.FinishReason.Name(last.finish_reason)} prompt={u.prompt_tokens} "
             f"completion={u.completion_tokens} cached={u.cached_tokens} queue={u.queue_ms:.1f}ms "
             f"prefill={u.prefill_ms:.1f}ms decode={u.decode_ms:.1f}ms cost=${u.cost_usd:.6f} worker={u.worker_id}]")
+
+
+def admin_call(args, call, describe) -> int:
+    """Run `call(stub, inference_pb2, metadata)` on the router's Admin service with the admin token
+    (--token or $SWITCHYARD_ADMIN_TOKEN); print the reply (`describe(resp)`, or JSON with --json)."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from common.rpc import sync_channel
+    from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
+    token = args.token or os.environ.get("SWITCHYARD_ADMIN_TOKEN", "")
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    with sync_channel(args.router) as ch:
+        try:
+            resp = call(inference_pb2_grpc.AdminStub(ch), inference_pb2, md)
+        except grpc.RpcError as e:
+            print(f"switchyard admin {args.admin_cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=1))
+    else:
+        print(describe(resp))
+    return 0

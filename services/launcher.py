@@ -3,7 +3,7 @@
 Start order: nats -> kv_manager -> workers -> batchers -> router; ready when the router reports
 every worker healthy. Stop order (SIGTERM / Ctrl-C) is the drain: router first (NOT_SERVING,
 open streams finish within the grace period), then batchers, workers, kv_manager, nats last.
-Every child lives in its own process group and dies with the launcher (services/proc.py).
+Every child lives in its own process group and dies with the launcher (common/proc.py).
 
 Work directory: logs/ (one <child>.log each), the nats store and stack.json. Without `--workdir` it
 is a fresh temp folder, removed after a clean stop and kept (and named) when the stack failed.
@@ -23,9 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from services import nats_server, proc
-from services.config import StackConfig, write_config
-from services.ports import check_free, free_port
+from common import proc
+from common.config import StackConfig, write_config
+from common.ports import check_free, free_port
+from services import nats_server
 
 
 class StackError(RuntimeError):

@@ -9,7 +9,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from services import proc
+from common import proc
 
 
 def find_binary() -> str:

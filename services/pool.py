@@ -1,7 +1,7 @@
 """The model pool: many models on a fixed set of worker slots, loaded and unloaded while serving.
 
 A replica is one batcher+worker pair serving one version of one model; its heartbeats carry the
-served name `<model>@<version>` (services/catalog.served_name), which is how the router finds it.
+served name `<model>@<version>` (common/catalog.served_name), which is how the router finds it.
 PoolManager lives in the launcher process (it owns the child processes) and runs its own asyncio
 loop in a thread with:
 
@@ -34,24 +34,19 @@ from pathlib import Path
 
 import nats.errors
 
-from services import proc
-from services.catalog import Catalog, ModelSpec, served_name, write_sources
-from services.config import StackConfig, write_config
-from services.ports import free_port
+from common import proc
+from common.catalog import Catalog, ModelSpec, served_name, write_sources
+from common.config import StackConfig, write_config
+from common.ports import free_port
+from common.replicas import ReplicaTable, ReplicaView
+from common.waiting import wait_set
+from services.pool_control import PoolError, PoolServicer
 from services.scaler import Scaler
-from services.waiting import Pulse, wait_set
 
 log = logging.getLogger("switchyard.pool")
 
 UNLOADED, LOADING, READY, DRAINING = "unloaded", "loading", "ready", "draining"
 STATES = (LOADING, READY, DRAINING, UNLOADED)
-
-
-class PoolError(Exception):
-    def __init__(self, code: str, message: str):   # code: a grpc.StatusCode name
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -68,12 +63,20 @@ class Replica:
     state: str = LOADING
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
-    hb: object = None                           # last bus_pb2.Heartbeat
-    hb_at: float = 0.0
+    view: ReplicaView | None = None             # its entry in PoolManager.table, from its first heartbeat
+
+    @property
+    def hb(self):
+        """Its last bus_pb2.Heartbeat (None before the first)."""
+        return self.view.heartbeat if self.view is not None else None
+
+    @property
+    def hb_at(self) -> float:
+        return self.view.last_seen if self.view is not None else 0.0
 
     @property
     def queue_depth(self) -> int:
-        return (self.hb.num_running + self.hb.num_waiting) if self.hb is not None else 0
+        return self.view.reported_load if self.view is not None else 0
 
     def children(self) -> list[proc.Child]:
         return [self.worker, self.batcher]
@@ -88,7 +91,6 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     desired: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    gen_tokens: dict = field(default_factory=dict)   # worker id -> generation_tokens_total seen
 
 
 def _safe(s: str) -> str:
@@ -151,7 +153,9 @@ class PoolManager:
         self._start_error: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._nc = None
-        self._heartbeats = Pulse()   # fired by every replica heartbeat: loads and drains wait on it
+        # The replicas' heartbeats (common/replicas.py); loads and drains wait on its `changed` pulse. No
+        # expiry sweep: a replica leaves it when the pool stops it, and a dead one is reaped by scale_once.
+        self.table = ReplicaTable(cfg.worker_timeout_s)
         self._server = None
         self._tasks: set[asyncio.Task] = set()
         from prometheus_client import CollectorRegistry
@@ -204,9 +208,8 @@ class PoolManager:
     async def _main(self) -> None:
         import nats
 
+        from common import rpc, subjects
         from protos.switchyard.v1 import pool_pb2_grpc
-        from services import rpc, subjects
-        from services.pool_control import PoolServicer
         from telemetry import metrics as M
 
         self._loop = asyncio.get_running_loop()
@@ -270,15 +273,10 @@ class PoolManager:
         r = self.replicas.get(hb.worker_id)
         if r is None:
             return
-        now = time.monotonic()
-        r.hb, r.hb_at = hb, now
-        self._heartbeats.fire()
+        r.view = self.table.observe(hb)
         entry = self.models.get(r.model)
-        if entry is not None:
-            prev = entry.gen_tokens.get(r.worker_id)
-            if hb.num_running + hb.num_waiting > 0 or (prev is not None and hb.generation_tokens_total != prev):
-                entry.last_used = now
-            entry.gen_tokens[r.worker_id] = hb.generation_tokens_total
+        if entry is not None and r.view.active:   # requests queued or running, or tokens generated since
+            entry.last_used = r.view.last_seen
 
     # ---- state -------------------------------------------------------------------------------
     def _register_source(self, name: str, version: str, source: str) -> None:
@@ -378,7 +376,7 @@ class PoolManager:
     async def _wait_heartbeats(self, until, timeout: float, watch: list[proc.Child]) -> proc.Child | bool:
         """Wait until `until()` holds, re-checked on every replica heartbeat: True. False once `timeout`
         has passed. The child in `watch` that exited first, if one does before either."""
-        waiter = asyncio.ensure_future(self._heartbeats.wait_for(until, timeout))
+        waiter = asyncio.ensure_future(self.table.changed.wait_for(until, timeout))
         exits = {asyncio.ensure_future(c.exited()): c for c in watch}
         try:
             done, _ = await asyncio.wait({waiter, *exits}, return_when=asyncio.FIRST_COMPLETED)
@@ -426,9 +424,7 @@ class PoolManager:
         for r in reps:   # out of the table first: an exit we caused is not a crash to report
             self.replicas.pop(r.worker_id, None)
             self._stopping[r.worker_id] = r
-            e = self.models.get(r.model)
-            if e is not None:
-                e.gen_tokens.pop(r.worker_id, None)
+            self.table.remove(r.worker_id)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, proc.stop_all, [r.batcher for r in reps], self.cfg.drain_grace_s + 5.0)
         await loop.run_in_executor(None, proc.stop_all, [r.worker for r in reps], 5.0)
@@ -437,8 +433,8 @@ class PoolManager:
 
     async def _drain_one(self, r: Replica) -> None:
         """Stop routing to r, wait until it has no waiting or running requests, stop it."""
+        from common import subjects
         from protos.switchyard.v1 import bus_pb2
-        from services import subjects
         r.state = DRAINING
         try:
             await self._nc.request(subjects.control(r.worker_id),

@@ -1,17 +1,17 @@
 """`switchyard models [--json]` and `switchyard admin load|unload ...` (the model pool's CLI).
 
-LoRA adapter commands (`adapters`, `admin load-adapter|unload-adapter`) live in services/adapter_cli.py.
+LoRA adapter commands (`adapters`, `admin load-adapter|unload-adapter`) live in services/adapter_cli.py; both
+send their admin calls through services/client.py `admin_call`.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
 def models_dict(router: str, timeout: float = 5.0) -> list[dict]:
+    from common.rpc import message_dict, sync_channel
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    from services.rpc import message_dict, sync_channel
     with sync_channel(router) as ch:
         resp = inference_pb2_grpc.InferenceStub(ch).ListModels(inference_pb2.ListModelsRequest(), timeout=timeout)
     return [message_dict(m) for m in resp.models]
@@ -47,30 +47,8 @@ def cmd_models(args) -> int:
     return 0
 
 
-def admin_call(args, call, describe) -> int:
-    """Run `call(stub, inference_pb2, metadata)` on the router's Admin service with the admin token
-    (--token or $SWITCHYARD_ADMIN_TOKEN); print the reply (`describe(resp)`, or JSON with --json)."""
-    import grpc
-    from google.protobuf.json_format import MessageToDict
-
-    from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    from services.rpc import sync_channel
-    token = args.token or os.environ.get("SWITCHYARD_ADMIN_TOKEN", "")
-    md = (("authorization", f"Bearer {token}"),) if token else ()
-    with sync_channel(args.router) as ch:
-        try:
-            resp = call(inference_pb2_grpc.AdminStub(ch), inference_pb2, md)
-        except grpc.RpcError as e:
-            print(f"switchyard admin {args.admin_cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=1))
-    else:
-        print(describe(resp))
-    return 0
-
-
 def cmd_admin(args) -> int:
+    from services.client import admin_call  # grpc: imported by the command that needs it, not by `switchyard up`
     def call(stub, pb, md):
         if args.admin_cmd == "load":
             return stub.LoadModel(pb.LoadModelRequest(
@@ -82,7 +60,9 @@ def cmd_admin(args) -> int:
                                                          if getattr(r, "evicted", None) else ""))
 
 
-def add_parsers(sub, default_router: str) -> None:
+def add_parsers(sub, default_router: str):
+    """`models` and `admin load|unload` on the top-level subparsers; returns the `admin` subparsers (the
+    adapter commands go there too: services/adapter_cli.py add_parsers)."""
     m = sub.add_parser("models", help="every model: state, version, replicas, queue depth, where it runs")
     m.add_argument("--json", action="store_true")
     m.add_argument("--router", default=default_router)
@@ -105,6 +85,4 @@ def add_parsers(sub, default_router: str) -> None:
         p.add_argument("--json", action="store_true")
         p.add_argument("--router", default=default_router)
         p.set_defaults(func=cmd_admin)
-
-    from services.adapter_cli import add_parsers as add_adapter_parsers
-    add_adapter_parsers(sub, asub, default_router)
+    return asub

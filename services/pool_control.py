@@ -1,6 +1,7 @@
 """`switchyard.v1.Pool`: the launcher's internal control service over PoolManager (services/pool.py).
 
 Only the router calls it (it does the admin-token check first); it listens on the stack's host.
+PoolError lives here, below the pool: the pool raises it, this edge turns it into a gRPC status.
 """
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import grpc
 from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
 
 
+class PoolError(Exception):
+    """A pool operation refused or failed, with the gRPC status code (its name) to answer."""
+
+    def __init__(self, code: str, message: str):   # code: a grpc.StatusCode name
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class PoolServicer(pool_pb2_grpc.PoolServicer):
     def __init__(self, pool):
-        self.pool = pool
+        self.pool = pool   # a services.pool.PoolManager
 
     async def _run(self, context, coro):
-        from services.pool import PoolError
         try:
             return await coro
         except PoolError as e:

@@ -11,9 +11,9 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from services.catalog import SOURCES_ENV, load_catalog
-from services.config import StackConfig, engine_config_from, split_engine_keys, write_config
-from services.ports import check_free, free_port
+from common.catalog import SOURCES_ENV, load_catalog
+from common.config import StackConfig, engine_config_from, split_engine_keys, write_config
+from common.ports import check_free, free_port
 
 
 def apply_stack_overrides(cfg: StackConfig, overrides: dict) -> StackConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.catalog import ScalerSpec
+from common.catalog import ScalerSpec
 
 
 @dataclass

@@ -32,10 +32,10 @@ import grpc
 import nats.errors
 import numpy as np
 
+from common import proc, rpc, subjects
+from common.config import StackConfig, load_config
+from common.waiting import Pulse
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
-from services import proc, rpc, subjects
-from services.config import StackConfig, load_config
-from services.waiting import Pulse
 from workers.backends.tritongrpc import load as load_triton
 
 _tg, _aio, pb, pb_grpc, mc, tutils = load_triton()

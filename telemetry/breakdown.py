@@ -23,6 +23,12 @@ boundaries (all processes share one host clock):
 The top-level components telescope, so they add up to the router-measured TTFT / E2E exactly; what
 a client measures adds its own gRPC hop (tests/telemetry/test_breakdown.py checks the tolerance).
 Shares are sum(component) / sum(TTFT or E2E) over all traces.
+
+Inference vs end-to-end (the same split `switchyard bench serve` reports, bench/metrics.py): per
+request, inference = prefill + decode, infrastructure = router + kv_index + nats, queue =
+batcher_queue; inference_ratio = inference / E2E. A run whose inference share of E2E is below
+INFERENCE_SHARE_LOW says which part dominates in one line (bound_verdict). The client's own gRPC hop
+is not in a trace; `bench serve --traces` adds it as client_network.
 """
 from __future__ import annotations
 
@@ -36,6 +42,25 @@ from telemetry import tracing
 
 COMPONENTS = ["router", "kv_index", "nats", "batcher_queue", "prefill", "decode", "worker_step"]
 NESTED = {"worker_step"}
+INFERENCE_SHARE_LOW = 0.5     # below this share of E2E in prefill + decode, a run is called bound elsewhere
+
+
+def bound_verdict(*, inference: float | None, queue: float | None, router_nats: float | None,
+                  client_network: float | None = None, split: bool = True) -> str | None:
+    """One line when inference (prefill + decode) is under INFERENCE_SHARE_LOW of E2E, naming the
+    larger of the queue and the infrastructure (router + NATS; `split=False`: router, NATS, gRPC and
+    the client together, not separable without traces); None otherwise. Shares are fractions of E2E."""
+    if inference is None or inference >= INFERENCE_SHARE_LOW:
+        return None
+    infra = (router_nats or 0.0) + (client_network or 0.0)
+    if (queue or 0.0) > infra:
+        return f"queue-bound: batcher queue = {100 * queue:.0f}% of E2E (inference {100 * inference:.0f}%)"
+    if not split:
+        return (f"infrastructure-bound: router+NATS = {100 * (router_nats or 0):.0f}% of E2E (with the client "
+                f"and gRPC; no traces to split them; inference {100 * inference:.0f}%)")
+    extra = f", client+gRPC {100 * client_network:.0f}%" if client_network is not None else ""
+    return (f"infrastructure-bound: router+NATS = {100 * (router_nats or 0):.0f}% of E2E "
+            f"(inference {100 * inference:.0f}%{extra})")
 
 
 @dataclass
@@ -133,10 +158,14 @@ def request_breakdowns(spans: list[Span]) -> list[dict]:
                     worker_step=sum(s.ms for s in step_pre.values()))
         e2e = dict(common, nats=ms(pub.start, recv.start) + ms(dec.end, gen.end), decode=ms(pre.end, dec.end),
                    worker_step=sum(s.ms for s in step_all.values()))
+        e2e_ms = ms(gen.start, gen.end)
+        inference = e2e["prefill"] + e2e["decode"]
         out.append({"trace_id": tid, "request_id": gen.attributes.get("switchyard.request_id", ""),
                     "worker_id": gen.attributes.get("switchyard.worker_id", ""),
-                    "ttft_ms": ms(gen.start, t_first), "e2e_ms": ms(gen.start, gen.end),
-                    "ttft": ttft, "e2e": e2e, "worker_steps": len(step_all)})
+                    "ttft_ms": ms(gen.start, t_first), "e2e_ms": e2e_ms,
+                    "ttft": ttft, "e2e": e2e, "worker_steps": len(step_all),
+                    "inference_ms": inference, "infrastructure_ms": e2e["router"] + e2e["kv_index"] + e2e["nats"],
+                    "inference_ratio": inference / e2e_ms if e2e_ms > 0 else float("nan")})
     out.sort(key=lambda r: r["ttft_ms"])
     return out
 
@@ -164,7 +193,20 @@ def summarize(reqs: list[dict]) -> dict:
                     "share_ttft": sum(in_ttft) / sum(ttft) if ttft and sum(ttft) else float("nan"),
                     "share_e2e": sum(in_e2e) / sum(e2e) if e2e and sum(e2e) else float("nan"),
                     "nested": c in NESTED}
-    return {"traces": len(reqs), "ttft_ms": st(ttft), "e2e_ms": st(e2e), "components": comps}
+    tot = sum(e2e)
+    share = lambda key: sum(r[key] for r in reqs) / tot if tot else float("nan")  # noqa: E731
+    inference = share("inference_ms")
+    infra = share("infrastructure_ms")
+    return {"traces": len(reqs), "ttft_ms": st(ttft), "e2e_ms": st(e2e), "components": comps,
+            "inference_ms": st([r["inference_ms"] for r in reqs]),
+            "infrastructure_ms": st([r["infrastructure_ms"] for r in reqs]),
+            "inference_ratio": {"p10": pct([r["inference_ratio"] for r in reqs], 10),
+                                "p50": pct([r["inference_ratio"] for r in reqs], 50),
+                                "p90": pct([r["inference_ratio"] for r in reqs], 90)},
+            "share_e2e": {"inference": inference, "infrastructure": infra,
+                          "queue": comps["batcher_queue"]["share_e2e"]},
+            "verdict": bound_verdict(inference=inference, queue=comps["batcher_queue"]["share_e2e"],
+                                     router_nats=infra) if tot else None}
 
 
 def breakdown(path: str) -> dict:
@@ -189,6 +231,14 @@ def format_table(report: dict) -> str:
                      f"{100 * d['share_ttft']:>7.1f}% {100 * d['share_e2e']:>7.1f}%")
     lines.append("* inside prefill/decode (the worker's engine steps), not added to the total; "
                  "worker_step percentiles are its time within TTFT, decode's within E2E")
+    sh, ir = report.get("share_e2e"), report.get("inference_ratio")
+    if sh and ir:
+        lines.append(f"E2E split: inference (prefill+decode) {100 * sh['inference']:.1f}%, queue "
+                     f"{100 * sh['queue']:.1f}%, infrastructure (router+kv_index+nats) "
+                     f"{100 * sh['infrastructure']:.1f}%;"
+                     f" inference/E2E per request p10/p50/p90 {ir['p10']:.2f}/{ir['p50']:.2f}/{ir['p90']:.2f}")
+    if report.get("verdict"):
+        lines.append(report["verdict"])
     return "\n".join(lines)
 
 

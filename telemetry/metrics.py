@@ -35,6 +35,7 @@ GENAI_TPOT = "gen_ai_server_time_per_output_token_seconds"
 GENAI_DURATION = "gen_ai_server_request_duration_seconds"
 # batcher
 QUEUE_TIME = "switchyard_queue_time_seconds"
+ITL_BY_POSITION = "switchyard_inter_token_latency_by_position_seconds"   # {model,worker,position_bucket}
 PREFILL_TIME = "switchyard_prefill_time_seconds"
 DECODE_TIME = "switchyard_decode_time_seconds"
 REQUESTS_RUNNING = "switchyard_requests_running"
@@ -77,6 +78,38 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Output-position buckets for ITL by position (bench/metrics.py and the batcher use these same ones).
+# "ITL at position k" (k >= 2) is the gap before output token k: the time from the chunk that carried
+# token k-1 to the chunk that carries token k; a chunk of n tokens after a gap g gives each of its
+# tokens g/n, and tokens 2..n of the first chunk get 0. Position 1 has no ITL: its latency is TTFT
+# (bucket "1" is reported as TTFT by the bench and is not a label of the histogram).
+POSITION_BUCKETS = ((1, 1, "1"), (2, 10, "2-10"), (11, 50, "11-50"), (51, 100, "51-100"), (101, 200, "101-200"),
+                    (201, None, "201+"))
+POSITION_BUCKET_NAMES = tuple(name for _, _, name in POSITION_BUCKETS)
+ITL_POSITION_BUCKET_NAMES = POSITION_BUCKET_NAMES[1:]
+
+
+def position_bucket(k: int) -> str:
+    """The bucket name of output position k (1-based)."""
+    for lo, hi, name in POSITION_BUCKETS:
+        if k >= lo and (hi is None or k <= hi):
+            return name
+    raise ValueError(f"output position must be >= 1, got {k}")
+
+
+def itls_by_position(prev_tokens: int, new_tokens: int, gap_s: float | None) -> list[tuple[int, float]]:
+    """(position, ITL) for each token of a chunk of `new_tokens` arriving `gap_s` after the previous
+    chunk of a request that had produced `prev_tokens` before it (gap_s None: this is the first chunk).
+    Position 1 (the first token, TTFT) yields nothing."""
+    out = []
+    for i in range(new_tokens):
+        k = prev_tokens + i + 1
+        if k < 2:
+            continue
+        out.append((k, 0.0 if gap_s is None else gap_s / new_tokens))
+    return out
+
 
 RLABELS = ("model", "worker", "priority")
 WLABELS = ("model", "worker")
@@ -209,6 +242,11 @@ class BatcherMetrics:
                                  buckets=TTFT_BUCKETS)
         self.decode = Histogram(DECODE_TIME, "First token to last token", RLABELS, registry=r,
                                 buckets=DURATION_BUCKETS)
+        self.itl_by_position = Histogram(ITL_BY_POSITION, "Gap before output token k (k >= 2) as the batcher emits "
+                                         "it, by output position bucket", WLABELS + ("position_bucket",),
+                                         registry=r, buckets=TPOT_BUCKETS)
+        self._itl_children: dict = {}
+        self._last_emit: dict[str, tuple[int, float]] = {}   # request id -> (tokens emitted, when)
         self.running = Gauge(REQUESTS_RUNNING, "Requests running", WLABELS, registry=r)
         self.waiting = Gauge(REQUESTS_WAITING, "Requests waiting", WLABELS, registry=r)
         self.kv_usage = Gauge(KV_USAGE, "Fraction of KV cache blocks in use", WLABELS, registry=r)
@@ -232,11 +270,35 @@ class BatcherMetrics:
     def relabel(self, model: str) -> None:
         if model != self.model:
             self.model = model
+            self._itl_children.clear()
             self._cost_total = self.cost_total.labels(model, self.worker)
             self.gpu_price.labels(model, self.worker).set(self.cost.price_per_s * 3600.0)
 
     def step(self, seconds: float, tokens: int) -> None:
         self._cost_total.inc(self.cost.step(seconds, tokens))
+
+    def tokens_emitted(self, request_id: str, total_tokens: int, new_tokens: int, now: float,
+                       finished: bool = False) -> None:
+        """A chunk of `new_tokens` output tokens of a request goes out at `now` (perf_counter s),
+        `total_tokens` its output count including them: ITL by position (definition at
+        POSITION_BUCKETS). O(new tokens) per chunk, one dict entry per running request."""
+        last = self._last_emit.pop(request_id, None) if finished else self._last_emit.get(request_id)
+        if new_tokens > 0:
+            prev = total_tokens - new_tokens
+            gap = None if prev == 0 else None if last is None else now - last[1]
+            # (prev > 0 with no previous chunk seen: the gap is unknown, nothing is observed)
+            for k, itl in (itls_by_position(prev, new_tokens, gap) if prev == 0 or last is not None else ()):
+                b = position_bucket(k)
+                child = self._itl_children.get(b)
+                if child is None:
+                    child = self._itl_children[b] = self.itl_by_position.labels(self.model, self.worker, b)
+                child.observe(itl)
+            if not finished:
+                self._last_emit[request_id] = (total_tokens, now)
+
+    def forget(self, request_id: str) -> None:
+        """A request ended without a finishing chunk (aborted)."""
+        self._last_emit.pop(request_id, None)
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(self.model, self.worker, reason).inc()
@@ -269,6 +331,7 @@ class BatcherMetrics:
 
     def reset_totals(self) -> None:
         self._last.clear()
+        self._last_emit.clear()   # a fresh core: the old requests are gone
 
 
 class WorkerMetrics:

@@ -31,6 +31,16 @@ def hf_smollm2(smollm2_dir):
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2_bf16(smollm2_dir):
+    """transformers' model on the same folder in bfloat16 (eval): the reference for our bf16 paths."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer(smollm2_dir):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(smollm2_dir)

@@ -69,6 +69,13 @@ class FakeWorker:
         return worker_pb2.WorkerAdapterReply(adapters=sorted(self.names))
 
 
+async def until(cond, timeout: float = 30.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
+
+
 def make_adapters(in_use: dict[str, int], worker: FakeWorker) -> tuple[BatcherAdapters, list]:
     beats: list[list[str]] = []
     ad: BatcherAdapters
@@ -87,8 +94,8 @@ def test_unload_refuses_new_requests_at_once_and_waits_for_accepted_ones():
         worker = FakeWorker(["sql"])
         ad, beats = make_adapters(in_use, worker)
         ad.check("sql")
-        task = asyncio.ensure_future(ad.unload("sql", drain_s=5.0))
-        await asyncio.sleep(0.15)
+        task = asyncio.ensure_future(ad.unload("sql", drain_s=30.0))
+        await until(lambda: beats)                # the unload began: a heartbeat without it went out
         with pytest.raises(UnknownAdapterError, match="being unloaded"):
             ad.check("sql")                       # new requests: NOT_FOUND
         assert beats[0] == [] and not task.done() and worker.calls == []   # accepted ones still run
@@ -113,10 +120,7 @@ def test_unload_timeout_answers_but_still_unloads_when_requests_finish():
         assert not out.ok and out.code == "DEADLINE_EXCEEDED" and "1 accepted" in out.error
         in_use["sql"] = 0
         ad.requests_changed()
-        for _ in range(40):
-            if worker.calls:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: worker.calls)
         assert worker.calls == ["unload sql"] and ad.advertised() == []
     asyncio.run(main())
 
@@ -151,10 +155,10 @@ class FakeContext:
 
 
 def fake_router(nc: FakeNats, heartbeats=()):
+    from common.config import StackConfig
     from router.adapter_control import AdapterControl
     from router.adapter_registry import AdapterRegistry
     from router.routing import WorkerTable
-    from services.config import StackConfig
     r = types.SimpleNamespace(cfg=StackConfig(model="m", admin_tokens=["t"]), nc=nc, table=WorkerTable(),
                               adapters=AdapterRegistry(), pool_routing=None)
     r.known_models = lambda: sorted({"m", *(w.model for w in r.table.workers.values())})
@@ -194,8 +198,9 @@ def test_a_request_for_a_registered_adapter_waits_until_a_worker_advertises_it()
         await asyncio.sleep(0.12)
         assert not waiting.done()
         router.table.observe(hb("w0", "m", ["sql"]))
-        await asyncio.wait_for(waiting, 1.0)
-        await asyncio.wait_for(ctl.wait_served("m", "unknown", FakeContext()), 0.05)   # not registered: no wait
+        await asyncio.wait_for(waiting, 30.0)
+        # not registered: answered at once, not after the 10 s a registered adapter may wait
+        await asyncio.wait_for(ctl.wait_served("m", "unknown", FakeContext()), 5.0)
         req = ctl.resolve_model(inference_pb2.GenerateRequest(model="sql", prompt="x"))
         assert (req.model, req.adapter_id) == ("m", "sql")
     asyncio.run(main())

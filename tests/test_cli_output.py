@@ -15,10 +15,10 @@ from concurrent import futures
 import grpc
 import pytest
 
+from common.config import StackConfig
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
 from services.cli import main
 from services.client import stream_generate
-from services.config import StackConfig
 from services.launcher import state_pointer
 
 

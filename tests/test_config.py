@@ -1,6 +1,6 @@
 """One configuration: StackConfig nests the engine's EngineConfig (one set of defaults); every engine
 key reaches a worker unchanged; `switchyard up` flags win over the file; --print-config round-trips.
-Also the one service skeleton (services/service_main.py): drain and stop order, a cut-short start."""
+Also the one service skeleton (common/service_main.py): drain and stop order, a cut-short start."""
 from __future__ import annotations
 
 import argparse
@@ -12,11 +12,11 @@ from dataclasses import MISSING, asdict, fields, replace
 
 import pytest
 
-from services.catalog import parse_catalog
+from common.catalog import parse_catalog
+from common.config import ENGINE_ALIASES, StackConfig, load_config, render_config, write_config
+from common.service_main import Service, serve
 from services.cli import build_parser, main, up_config
-from services.config import ENGINE_ALIASES, StackConfig, load_config, render_config, write_config
 from services.pool import replica_config
-from services.service_main import Service, serve
 from workers.engine.config import EngineConfig
 from workers.main import engine_config
 

@@ -91,7 +91,8 @@ def test_blocks_of_other_weights_are_refused(blocked):
 @pytest.mark.slow
 def test_one_at_a_time_greedy_through_the_kernels_matches_hf(hf_smollm2):
     """Batch-1 decode is the kernels' whole point: every decode matmul and the lm_head run on blocks."""
-    from workers.engine import Engine, SamplingParams
+    from batcher.engine import Engine
+    from workers.engine import SamplingParams
     from workers.engine.config import EngineConfig
     from workers.engine.loader import load_model
     eng = Engine(load_model("smollm2-135m"), EngineConfig(block_weights=True))
@@ -207,7 +208,8 @@ def test_native_decode_attention_equals_sdpa(table_dtype):
 
 def test_engine_outputs_do_not_depend_on_the_cpu_kernels():
     """The same batch (prefill then mixed decode) greedy, with the kernels and with plain torch ops."""
-    from workers.engine import Engine, SamplingParams
+    from batcher.engine import Engine
+    from workers.engine import SamplingParams
     from workers.engine.config import EngineConfig
     from workers.engine.loader import load_model
     prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time", "SELECT name FROM"]

@@ -18,7 +18,7 @@ PROMPTS = [[128000, 791, 6864, 315, 9822, 374], [128000, 755, 3460, 16711, 7, 77
 
 
 def _engine(shape: str, dtype: str, **kw):
-    from workers.engine import Engine
+    from batcher.engine import Engine
     return Engine.from_model("random", random_weights=shape, device="cuda", dtype=dtype, seed=0,
                              max_model_len=2048, max_num_seqs=16, **kw)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from batcher.engine import Engine
 from workers.engine.config import EngineConfig
-from workers.engine.engine import Engine
 from workers.engine.loader import load_model
 from workers.engine.model_runner import DecodeGraphs, graph_batch_sizes
 from workers.engine.sampling_params import SamplingParams

@@ -15,9 +15,9 @@ import pytest
 from batcher.engine_core import build_engine_core
 from batcher.passthrough import PassthroughBatcher
 from batcher.service import BatcherService
+from common import subjects
+from common.config import StackConfig
 from protos.switchyard.v1 import bus_pb2, common_pb2
-from services import subjects
-from services.config import StackConfig
 from workers.backends.base import Backend, BackendChunk
 from workers.engine.plan import StepPlan, StepResult
 

@@ -9,7 +9,8 @@ the overlap turned on.
 """
 from __future__ import annotations
 
-from workers.engine import Engine, EngineConfig, SamplingParams
+from batcher.engine import Engine
+from workers.engine import EngineConfig, SamplingParams
 from workers.engine.plan import NewRequestPlan, RunningRequestPlan, StepPlan
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",

@@ -10,8 +10,9 @@ from collections import deque
 
 import pytest
 
+from batcher.engine import Engine
 from batcher.step_timing import StepTimer
-from workers.engine import Engine, EngineConfig, SamplingParams
+from workers.engine import EngineConfig, SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
            "List three primary colors:", "1, 2, 3, 4, 5,", "Q: What is the boiling point of water?\nA:"]

@@ -131,7 +131,8 @@ def test_random_weights_engine_runs_without_gpu_host_extras():
     res = run_without(ABSENT_ON_GPU_HOSTS, """
         import sys
         import bench.engine_bench, bench.lora_bench, bench.serve, bench.targets, services.cli  # noqa: F401
-        from workers.engine import Engine, SamplingParams
+        from batcher.engine import Engine
+        from workers.engine import SamplingParams
         eng = Engine.from_model("random", random_weights="tiny", num_kv_blocks=32)
         sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         outs = eng.generate(["hello world", [{"role": "user", "content": "Hi"}]], sp)

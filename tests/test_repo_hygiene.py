@@ -81,7 +81,7 @@ def defined_names(path: Path) -> set[str]:
 
 def test_dead_code_stays_deleted():
     found = {}
-    for package in ("batcher", "bench", "kv_manager", "protos", "router", "services", "telemetry", "workers"):
+    for package in ("batcher", "bench", "common", "kv_manager", "protos", "router", "services", "telemetry", "workers"):
         for path in (REPO / package).rglob("*.py"):
             if "_pb2" not in path.name:
                 for name in defined_names(path) & DELETED:
@@ -92,8 +92,8 @@ def test_dead_code_stays_deleted():
 def test_router_uses_one_reroute_limit_and_one_finish_reason_table():
     import router.catalog_routing
     import router.service
+    from common.bus_codec import FINISH_FROM_PB, FINISH_TO_PB
     from protos.switchyard.v1 import common_pb2
-    from services.bus_codec import FINISH_FROM_PB, FINISH_TO_PB
     assert not hasattr(router.catalog_routing, "MAX_REROUTES") and router.service.MAX_REROUTES == 3
     src = (REPO / "router" / "service.py").read_text()
     assert "reroutes < MAX_REROUTES" in src and "FINISH_FROM_PB.get(chunk.finish_reason)" in src

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from services import ports
+from common import ports
+from common.config import DEFAULT_ROUTER_PORT
 from services.cli import build_parser, up_config
-from services.config import DEFAULT_ROUTER_PORT
 from services.launcher import Stack, StackError, run_up
 
 

@@ -137,8 +137,8 @@ def test_decode_step_writes_the_same_bytes_at_any_context_length():
 
 def test_engine_decode_step_bytes_do_not_depend_on_max_model_len():
     """The real runner on a tiny model: a decode step's input bytes at context 2,048 and 131,072."""
+    from batcher.engine import Engine
     from workers.engine.config import EngineConfig
-    from workers.engine.engine import Engine
     from workers.engine.loader import load_model
 
     loaded = load_model("random", random_weights="tiny", seed=0)

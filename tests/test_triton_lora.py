@@ -178,7 +178,8 @@ def test_tile_table_and_heuristics():
 def test_whole_model_forward_triton_matches_sgmv(paged_kv, tmp_path):
     """Tiny random model, three prompts (base, two adapters) as one prefill batch, then decodes through
     the engine: "triton" and "sgmv" agree on the hidden states and the greedy tokens."""
-    from workers.engine import Engine, SamplingParams
+    from batcher.engine import Engine
+    from workers.engine import SamplingParams
     from workers.engine.loader import load_model
     lm = load_model("x", random_weights="tiny", seed=1, device=DEV)
     dirs = {f"t{i}": write_peft_adapter(tmp_path / f"t{i}", lm.config, r=r, alpha=2 * r, targets=t, seed=20 + i,

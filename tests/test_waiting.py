@@ -1,9 +1,9 @@
-"""services/waiting.py: a Pulse wakes waiters when it fires (not on a timer); wait_set ends early."""
+"""common/waiting.py: a Pulse wakes waiters when it fires (not on a timer); wait_set ends early."""
 from __future__ import annotations
 
 import asyncio
 
-from services.waiting import Pulse, wait_set
+from common.waiting import Pulse, wait_set
 
 
 def test_wait_for_rechecks_on_each_fire_and_returns_when_the_condition_holds():
@@ -37,7 +37,7 @@ def test_a_child_exit_is_an_event():
     import subprocess
     import sys
 
-    from services.proc import Child
+    from common.proc import Child
 
     async def main():
         p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(3)"], stdin=subprocess.PIPE)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from services.config import StackConfig
-from services.service_main import Service, run_service
+from common.config import StackConfig
+from common.service_main import Service, run_service
 
 SERVICE = "switchyard.v1.Worker"
 

@@ -102,7 +102,7 @@ def test_routing_policies():
 
 
 def test_config_routing_policy():
-    from services.config import load_config
+    from common.config import load_config
     assert load_config(None).routing_policy == "kv"
     assert load_config(None, routing_policy="Round-Robin").routing_policy == "round_robin"
     with pytest.raises(ValueError):

@@ -6,8 +6,8 @@ import asyncio
 import json
 
 from bench.grpc_floor import floor_server
+from common.ports import is_free
 from services.cli import main as cli
-from services.ports import is_free
 
 
 def test_bench_overhead_reports_engine_stack_platform_and_floor(tmp_path):
@@ -25,8 +25,8 @@ def test_bench_overhead_reports_engine_stack_platform_and_floor(tmp_path):
 
 
 def test_floor_server_answers_one_finished_chunk_and_stops(tmp_path):
+    from common.rpc import channel
     from protos.switchyard.v1 import inference_pb2, inference_pb2_grpc
-    from services.rpc import channel
 
     async def call(addr):
         async with channel(addr) as ch:

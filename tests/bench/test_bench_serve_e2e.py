@@ -28,7 +28,7 @@ def test_bench_serve_against_a_real_stack(tmp_path):
     rc = cli(["bench", "serve", "--model", "random:tiny", "--load", "sweep", "--sweep-rates", "6,12",
               "--num-requests", "3",
               "--input-len", "8-16", "--output-len", "2-3", "--num-kv-blocks", "128", "--max-model-len", "256",
-              "--slo-ttft-ms", "60000", "--gpu-usd-per-hour", "3.6", "--no-progress",
+              "--slo-ttft-ms", "60000", "--itl-slo-ms", "60000", "--gpu-usd-per-hour", "3.6", "--no-progress",
               "--json", str(out), "--plot", str(plots)])
     assert rc == 0
     rep = json.loads(out.read_text())
@@ -42,7 +42,25 @@ def test_bench_serve_against_a_real_stack(tmp_path):
     assert rep["cost_usd_per_1k_output_tokens"] > 0
     assert rep["target"] == "stack" and len(rep["runs"]) == 2
     assert [r["load"]["rate"] for r in rep["runs"]] == [6.0, 12.0]
-    assert _pngs(plots) == {"latency_cdf.png", "latency_vs_rate.png", "throughput_vs_rate.png", "timeline.png"}
+    # latency as users feel it: ITL by position (outputs of 2-3 tokens: only bucket 2-10 has data),
+    # perceived tok/s, and each request's E2E split from the batcher's usage times
+    pos = rep["itl_by_position_ms"]
+    assert list(pos["buckets"]) == ["2-10", "11-50", "51-100", "101-200", "201+"]
+    assert pos["buckets"]["2-10"]["count"] >= 3 and isinstance(pos["buckets"]["2-10"]["p99"], float)
+    assert pos["buckets"]["11-50"]["count"] == 0 and pos["over_slo"] == [] and pos["itl_slo_ms"] == 60000
+    assert rep["perceived_tok_s"]["count"] == 3 and rep["perceived_tok_s"]["p10"] > 0
+    split = rep["e2e_split_ms"]
+    assert split["requests"] == 3 and split["traced"] == 0
+    for part in ("queue", "prefill", "decode", "rest"):
+        assert isinstance(split[part]["p50"], float), part
+    assert 0 < split["inference_ratio"]["p50"] <= 1
+    assert len(rep["requests"]) == 3
+    for row in rep["requests"]:
+        parts = [row["split"][p] or 0.0 for p in ("client_network", "router", "nats", "queue", "prefill",
+                                                   "decode", "rest")]
+        assert abs(sum(parts) - row["e2e_ms"]) < 1e-6 and row["request_id"].startswith("bench-")
+    assert _pngs(plots) == {"latency_cdf.png", "latency_vs_rate.png", "throughput_vs_rate.png", "timeline.png",
+                            "itl_by_position.png"}
 
 
 def test_bench_compare_batching_inproc(tmp_path):
@@ -58,4 +76,6 @@ def test_bench_compare_batching_inproc(tmp_path):
         assert rep["batching"][v]["completed"] == 3
         assert rep["batching"][v]["output_tokens"] == rep["batching"]["static"]["output_tokens"]
         assert rep["batching"][v]["ttft_ms"]["p99"] > 0
-    assert _pngs(plots) == {"compare_batching.png", "compare_batching_cdf.png"}
+        assert rep["batching"][v]["perceived_tok_s"]["count"] == 3
+        assert rep["batching"][v]["e2e_split_ms"]["prefill"]["p50"] is not None   # the engine's own times
+    assert _pngs(plots) == {"compare_batching.png", "compare_batching_cdf.png", "compare_batching_itl_by_position.png"}

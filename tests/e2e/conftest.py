@@ -106,6 +106,19 @@ class StackHandle:
     def worker_status(self, worker_id: str = "w0") -> dict:
         return next(w for w in self.status()["workers"] if w["worker_id"] == worker_id)
 
+    def worker_status_since(self, since: float, worker_id: str = "w0", until=None, timeout: float = 60.0) -> dict:
+        """The worker's status from a heartbeat the router received after `since` (time.monotonic()),
+        and, with `until`, the first such one for which until(status) holds. Heartbeat-fed counters are
+        only as new as the last heartbeat: this waits for one instead of sleeping past the interval."""
+        deadline = time.monotonic() + timeout
+        while True:
+            asked = time.monotonic()
+            w = self.worker_status(worker_id)
+            if asked - w["last_seen_ms_ago"] / 1000.0 > since and (until is None or until(w)):
+                return w
+            assert time.monotonic() < deadline, f"no heartbeat from {worker_id} after {since} satisfying it: {w}"
+            time.sleep(0.05)
+
 
 def start_stack(workdir: Path, **overrides) -> StackHandle:
     h = StackHandle(workdir, **overrides)
@@ -127,12 +140,12 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine():
     """The in-process reference engine (same model, greedy)."""
-    from workers.engine.engine import Engine
+    from batcher.engine import Engine
     return Engine.from_model("smollm2-135m", num_kv_blocks=256, max_model_len=512)
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    from services.rpc import options
+    from common.rpc import options
     return grpc.aio.insecure_channel(target, options=options())
 
 

@@ -6,10 +6,10 @@ import asyncio
 import grpc
 import pytest
 
+from batcher.engine import Engine
 from bench.lora_bench import write_peft_adapter
 from protos.switchyard.v1 import inference_pb2_grpc
 from tests.e2e.conftest import channel, collect, gen_request, start_stack
-from workers.engine.engine import Engine
 from workers.engine.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"

@@ -40,6 +40,15 @@ async def wait_for(router: str, pred, timeout: float, what: str):
         await asyncio.sleep(0.2)
 
 
+async def until(pred, timeout: float, what: str):
+    """Poll pred() (a condition on the test's own state, e.g. a Traffic's counters) until true."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def admin(router: str, method: str, req, token: str = ADMIN, timeout: float = 180):
     async with channel(router) as ch:
         return await getattr(inference_pb2_grpc.AdminStub(ch), method)(req, metadata=admin_md(token), timeout=timeout)
@@ -158,13 +167,13 @@ def test_admin_auth(pool_stack):
 def test_hot_swap_under_traffic_fails_nothing(pool_stack):
     async def main():
         async with Traffic(pool_stack.router, n=3, model="beta") as t:
-            await asyncio.sleep(1.0)
+            await until(lambda: t.ok >= 3 or t.failures, 60, "traffic on v1")
             before = t.ok
             resp = await admin(pool_stack.router, "LoadModel",
                                inference_pb2.LoadModelRequest(name="beta", version="v2", wait=True))
             assert "swapped v1 -> v2" in resp.message
             n_at_swap = t.ok
-            await asyncio.sleep(1.0)
+            await until(lambda: t.versions["v2"] >= 3 or t.failures, 60, "traffic on v2")
         assert t.failures == [], t.failures[:5]
         assert before > 0 and t.ok > n_at_swap, (before, n_at_swap, t.ok)
         assert t.versions["v1"] > 0 and t.versions["v2"] > 0, t.versions
@@ -193,12 +202,17 @@ def test_unload_and_on_demand_load_under_traffic(pool_stack):
 
 
 def test_lru_eviction_when_budget_exceeded(pool_stack):
+    """Last use is stamped by heartbeats (0.5 s); the pool reports it as idle_s. Wait on that, not on
+    the clock: until beta's last stamp has landed, then until alpha's new use has."""
     async def main():
-        await asyncio.sleep(1.5)   # last use is stamped by heartbeats (0.5 s): let beta's last one pass
-        async with channel(pool_stack.router) as ch:   # alpha is now the most recently used
+        ms = await wait_for(pool_stack.router, lambda m: m["alpha"].state == m["beta"].state == "ready"
+                            and m["beta"].queue_depth == 0 and m["beta"].idle_s > 2.0, 60, "beta idle")
+        assert ms["gamma"].state == "unloaded"
+        async with channel(pool_stack.router) as ch:
             await generate(inference_pb2_grpc.InferenceStub(ch), request(model="alpha"))
-        await asyncio.sleep(1.0)   # a heartbeat carries the use to the pool
-        # gamma needs a whole 1 GB slot: both slots hold a 0.5 GB model, so the LRU idle one goes.
+        # alpha is now the most recently used: both slots hold a 0.5 GB model and gamma needs a whole
+        # 1 GB slot, so beta (least recently used, idle) must go
+        await wait_for(pool_stack.router, lambda m: m["alpha"].idle_s < m["beta"].idle_s, 60, "alpha's use seen")
         resp = await admin(pool_stack.router, "LoadModel", inference_pb2.LoadModelRequest(name="gamma", wait=True))
         assert list(resp.evicted) == ["beta"], resp
         ms = await models(pool_stack.router)
@@ -236,9 +250,20 @@ def test_burst_scales_up_and_new_replica_takes_traffic(pool_stack):
 
 
 def test_idle_scale_down(pool_stack):
+    """alpha back to min_replicas (1) after the 3 s scale-down window; gamma (min 0) to zero after 8 s
+    idle - each seen to happen: the test starts from alpha at 2 replicas and gamma loaded (as the burst
+    and LRU tests leave them; when run alone it scales alpha up and loads gamma itself), then sends
+    nothing and waits."""
     async def main():
-        # alpha back to min_replicas after the 3 s window; gamma (min 0) to zero after 8 s idle.
+        if (await models(pool_stack.router))["alpha"].replicas < 2:
+            resp = await admin(pool_stack.router, "LoadModel",
+                               inference_pb2.LoadModelRequest(name="alpha", replicas=2, wait=True))
+            assert "scaled to 2" in resp.message or "already loaded (2" in resp.message, resp.message
         await wait_for(pool_stack.router, lambda m: m["alpha"].replicas == 1 and m["alpha"].desired_replicas == 1,
                        60, "alpha scaled down to 1")
+        if (await models(pool_stack.router))["gamma"].state != "ready":
+            resp = await admin(pool_stack.router, "LoadModel", inference_pb2.LoadModelRequest(name="gamma", wait=True))
+            assert "loaded" in resp.message, resp.message
         await wait_for(pool_stack.router, lambda m: m["gamma"].state == "unloaded", 60, "gamma scaled to zero")
+        assert (await models(pool_stack.router))["alpha"].replicas == 1      # min_replicas holds
     run(main())

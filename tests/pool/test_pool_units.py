@@ -6,13 +6,13 @@ import re
 import grpc
 import pytest
 
+from common.catalog import ScalerSpec, load_catalog, parse_catalog
+from common.config import StackConfig
 from router.admin_auth import check_admin
 from router.catalog_routing import choose_bounded
 from router.intent import RuleClassifier
 from router.routing import Candidate
 from router.validation import RequestError
-from services.catalog import ScalerSpec, load_catalog, parse_catalog
-from services.config import StackConfig
 from services.scaler import Scaler
 
 

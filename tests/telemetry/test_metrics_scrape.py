@@ -5,6 +5,7 @@ import asyncio
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.switchyard.v1 import inference_pb2_grpc
@@ -44,20 +45,23 @@ def test_metrics_count_the_requests_sent(traced_stack):
     async def main():
         async with channel(traced_stack.router) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
-            return await asyncio.gather(*(collect(stub, gen_request(LONG_PROMPT + f" ({i})", max_tokens=MAX_TOKENS,
-                                                                    request_id=f"metrics-{i}", priority=7))
-                                          for i in range(N)))
+            reqs = [gen_request(LONG_PROMPT + f" ({i})", max_tokens=MAX_TOKENS, request_id=f"metrics-{i}", priority=7)
+                    for i in range(N)]
+            for r in reqs:
+                r.sampling.ignore_eos = True      # exactly MAX_TOKENS each
+            return await asyncio.gather(*(collect(stub, r) for r in reqs))
     results = asyncio.run(main())
     usages = [resps[-1].usage for _, _, resps in results]
     assert all(u.completion_tokens == MAX_TOKENS and u.cost_usd > 0 for u in usages)
 
     delta = lambda svc, name, **kw: total(after[svc], name, **kw) - total(before[svc], name, **kw)  # noqa: E731
     batchers = [n for n in endpoints if n.startswith("batcher-")]
-    deadline = time.monotonic() + 10
-    while True:   # token counters follow the heartbeat (0.5 s)
+    deadline = time.monotonic() + 60
+    while True:   # token counters follow the heartbeat (0.5 s): wait until one has carried them
         after = scrape_all(endpoints)
         gen = sum(delta(b, M.GENERATION_TOKENS + "_total") for b in batchers)
-        if gen >= N * MAX_TOKENS or time.monotonic() > deadline:
+        prompt = sum(delta(b, M.PROMPT_TOKENS + "_total") for b in batchers)
+        if (gen >= N * MAX_TOKENS and prompt >= sum(u.prompt_tokens for u in usages)) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
 
@@ -75,8 +79,13 @@ def test_metrics_count_the_requests_sent(traced_stack):
     assert sum(delta(b, M.PREFILL_TIME + "_count", priority="7") for b in batchers) == N
     assert sum(delta(b, M.GENERATION_TOKENS + "_total") for b in batchers) == N * MAX_TOKENS
     assert sum(delta(b, M.PROMPT_TOKENS + "_total") for b in batchers) == sum(u.prompt_tokens for u in usages)
+    # Cost: every engine step's cost is split over the tokens it computed, so the requests' shares add up
+    # to the busy-time cost the batchers counted (these were the only requests in those steps).
     cost = sum(delta(b, M.COST_TOTAL + "_total") for b in batchers)
-    assert cost > 0 and abs(cost - sum(u.cost_usd for u in usages)) <= 0.5 * cost  # shares ~ the busy-time cost
+    assert cost > 0 and sum(u.cost_usd for u in usages) == pytest.approx(cost, rel=1e-6)
+    for b in batchers:
+        mine = [u.cost_usd for u in usages if f"batcher-{u.worker_id}" == b]
+        assert sum(mine) == pytest.approx(delta(b, M.COST_TOTAL + "_total"), rel=1e-6, abs=1e-15), b
     for b in batchers:
         assert total(after[b], M.GPU_PRICE) > 0
         assert total(after[b], M.KV_USAGE) >= 0 and (M.REQUESTS_WAITING, M.REQUESTS_WAITING, frozenset(

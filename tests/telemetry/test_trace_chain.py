@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 
 from telemetry import tracing
 from tests.telemetry.conftest import generate as _generate
@@ -26,12 +25,31 @@ def _by_name(spans, trace_id):
     return out
 
 
+def _fence(stack, sink, worker_id: str) -> None:
+    """Return once every worker.step that `worker_id` ran so far has reached the sink: a later request on
+    that worker, and its own worker.step spans exported. One worker runs its steps one after another and
+    its batch span processor exports them in the order they ended, so nothing that ended before is still
+    on its way."""
+    for k in range(10):
+        rid = f"fence-{secrets.token_hex(4)}-{k}"
+        resps = _generate(stack.router, rid, max_tokens=2)     # same prompt: routed to the prefix holder
+        spans = sink.wait_for(lambda ss: any(x.name == tracing.ROUTER_GENERATE
+                                             and x.attributes.get("switchyard.request_id") == rid for x in ss),
+                              timeout=60)
+        if resps[0].worker_id == worker_id:
+            trace = next(x.trace_id for x in spans if x.name == tracing.ROUTER_GENERATE
+                         and x.attributes.get("switchyard.request_id") == rid)
+            sink.wait_for(_trace_complete(trace), timeout=60)
+            return
+    raise AssertionError(f"no fence request landed on {worker_id}")
+
+
 def test_client_traceparent_is_continued_across_every_service(traced_stack, otlp_sink):
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
     resps = _generate(traced_stack.router, "chain-1", metadata=(("traceparent", f"00-{trace_id}-{client_span}-01"),))
     assert resps[-1].usage.completion_tokens == 4
-    spans = otlp_sink.wait_for(_trace_complete(trace_id, steps=4), timeout=20)
-    time.sleep(1.5)   # one more export interval: a fifth worker.step would show up now
+    otlp_sink.wait_for(_trace_complete(trace_id, steps=4), timeout=60)
+    _fence(traced_stack, otlp_sink, resps[0].worker_id)   # a fifth worker.step would have been exported now
     spans = otlp_sink.snapshot()
     s = _by_name(spans, trace_id)
     one = lambda name: s[name][0]  # noqa: E731
@@ -77,10 +95,11 @@ def test_request_without_traceparent_starts_a_trace_at_the_router(traced_stack, 
     resps = _generate(traced_stack.router, "chain-2", max_tokens=2)
     assert resps[-1].finish_reason
     spans = otlp_sink.wait_for(lambda ss: any(
-        x.name == tracing.ROUTER_GENERATE and x.attributes.get("switchyard.request_id") == "chain-2" for x in ss))
+        x.name == tracing.ROUTER_GENERATE and x.attributes.get("switchyard.request_id") == "chain-2" for x in ss),
+        timeout=60)
     gen = next(x for x in spans if x.name == tracing.ROUTER_GENERATE
                and x.attributes.get("switchyard.request_id") == "chain-2")
     assert gen.parent_id == ""
-    spans = otlp_sink.wait_for(_trace_complete(gen.trace_id), timeout=20)
+    spans = otlp_sink.wait_for(_trace_complete(gen.trace_id), timeout=60)
     assert {x.service for x in spans if x.trace_id == gen.trace_id} >= {"switchyard-router", "switchyard-batcher",
                                                                         "switchyard-worker"}

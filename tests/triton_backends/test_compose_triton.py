@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.test_compose import REPO, _compose_binary
+from tests.test_compose import REPO, _compose_binary
 
 
 def test_triton_profile_is_valid():

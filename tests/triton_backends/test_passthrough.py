@@ -13,7 +13,7 @@ from tests.triton_backends.conftest import MODEL
 PROMPT = "Trains switch tracks because"
 
 
-def _wait_routable(stack, timeout=10.0):
+def _wait_routable(stack, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(w["healthy"] for w in stack.status()["workers"]):
@@ -42,7 +42,7 @@ def test_client_of_a_gets_bs_tokens(stack_a, stack_b):
 def test_cancel_at_a_cancels_at_b(stack_a, stack_b):
     _wait_routable(stack_a)
     from protos.switchyard.v1 import inference_pb2_grpc
-    gen_before = int(stack_b.worker_status()["generation_tokens_total"])
+    gen_before = int(stack_b.worker_status_since(time.monotonic())["generation_tokens_total"])
 
     req = gen_request(PROMPT, max_tokens=400)
     req.sampling.ignore_eos = True
@@ -58,15 +58,11 @@ def test_cancel_at_a_cancels_at_b(stack_a, stack_b):
             call.cancel()
 
     asyncio.run(run2())
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 5:
-        w = stack_b.worker_status()
-        if w["num_running"] == 0 and w["num_waiting"] == 0:
-            break
-        time.sleep(0.1)
-    assert w["num_running"] == 0, "B still runs the request A's client cancelled"
-    time.sleep(0.6)
-    generated = int(stack_b.worker_status()["generation_tokens_total"]) - gen_before
+    cancelled = time.monotonic()
+    # B idle in a heartbeat sent after the cancel; that heartbeat's token count is final. Without the
+    # cancel reaching B it would stay busy until all 400 tokens are out.
+    w = stack_b.worker_status_since(cancelled, until=lambda w: w["num_running"] == 0 and w["num_waiting"] == 0)
+    generated = int(w["generation_tokens_total"]) - gen_before
     assert generated < 200, f"B generated {generated} of 400 tokens after the cancel"
 
 
@@ -102,13 +98,18 @@ def test_b_down_gives_unavailable_quickly(stack_a, stack_b):
     from protos.switchyard.v1 import inference_pb2_grpc
     stack_b.stop(30)
 
+    deadline_s = 60.0
+
     async def run():
         async with channel(stack_a.router) as ca:
             t0 = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await collect(inference_pb2_grpc.InferenceStub(ca), gen_request(PROMPT, max_tokens=8), timeout=30)
+                await collect(inference_pb2_grpc.InferenceStub(ca), gen_request(PROMPT, max_tokens=8),
+                              timeout=deadline_s)
             return e.value.code(), e.value.details(), time.monotonic() - t0
 
     code, details, dt = asyncio.run(run())
+    # UNAVAILABLE, not DEADLINE_EXCEEDED: the refused connection is reported, not waited out (nor retried
+    # until the client gives up); the bound is a quarter of the deadline, not a guess at the box's speed.
     assert code == grpc.StatusCode.UNAVAILABLE, details
-    assert dt < 3.0, f"took {dt:.1f}s"
+    assert dt < deadline_s / 4, f"took {dt:.1f}s of the {deadline_s:.0f} s deadline"

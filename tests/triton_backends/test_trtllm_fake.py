@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 
+from common.config import StackConfig
 from kv_manager.block_hash import block_hashes
+from kv_manager.event_codec import kv_events_from_proto
 from kv_manager.index import KvIndex
 from protos.switchyard.v1 import bus_pb2
-from services.bus_codec import kv_events_from_proto
-from services.config import StackConfig
-from workers.backends.base import BackendMissingError, BackendRequest, make_backend
+from workers.backends.base import BackendMissingError, BackendRequest
+from workers.backends.factory import make_backend
 from workers.backends.trtllm import TrtLlmBackend, to_trt_sampling
 from workers.engine.config import EngineConfig
 from workers.engine.sampling_params import SamplingParams
@@ -21,6 +22,14 @@ FAKE = "tests.triton_backends.fake_trtllm"
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def until(cond, timeout: float = 30.0):
+    """Poll cond() on the running loop until true (the bus is in memory: no clock to race)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.01)
 
 
 def test_missing_package_is_a_clear_error():
@@ -123,10 +132,7 @@ def test_passthrough_admission_priority_cancel_and_kv_events():
         assert rej and rej[0].error == bus_pb2.CHUNK_ERROR_QUEUE_FULL and rej[0].retry_after_ms > 0
         await nc.deliver("sy.req.w9", _req("long", prio=100, max_tokens=500))
         assert _chunks(nc, "long")[0].error == bus_pb2.CHUNK_ERROR_QUEUE_FULL
-        for _ in range(200):
-            if all(any(c.finish_reason for c in _chunks(nc, r)) for r in ("first", "low", "high")):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: all(any(c.finish_reason for c in _chunks(nc, r)) for r in ("first", "low", "high")))
         order = [backend.llm.requests[i][1].max_tokens for i in range(3)]
         assert order == [3, 3, 3]
         finish_seq = [next(i for i, (s, d) in enumerate(nc.published)
@@ -135,14 +141,20 @@ def test_passthrough_admission_priority_cancel_and_kv_events():
         assert finish_seq == sorted(finish_seq), "high priority must run before low"
         last = _chunks(nc, "high")[-1]
         assert last.usage.completion_tokens == 3 and last.usage.worker_id == "w9"
-        # cancel a running request: the backend aborts it
+        # cancel a running request (it has streamed a token): the backend aborts it
         await nc.deliver("sy.req.w9", _req("victim", max_tokens=500))
-        await asyncio.sleep(0.1)
+        await until(lambda: _chunks(nc, "victim"))
         await nc.deliver("sy.cancel.victim", bus_pb2.Cancel(request_id="victim").SerializeToString())
-        await asyncio.sleep(0.1)
-        assert 4 in backend.llm.aborted and not any(c.finish_reason for c in _chunks(nc, "victim"))
-        await asyncio.sleep(0.3)   # the KV loop and heartbeats run
-        hb = [bus_pb2.Heartbeat.FromString(d) for s, d in nc.published if s == "sy.hb.w9"][-1]
+        await until(lambda: 4 in backend.llm.aborted)
+        assert not any(c.finish_reason for c in _chunks(nc, "victim"))
+        # the KV loop and heartbeats run: wait for a heartbeat that shows every prompt's cached blocks
+        n_before = len(nc.published)
+
+        def latest_hb():
+            beats = [bus_pb2.Heartbeat.FromString(d) for s, d in nc.published[n_before:] if s == "sy.hb.w9"]
+            return beats[-1] if beats else None
+        await until(lambda: (hb := latest_hb()) is not None and hb.num_free_blocks == 48)
+        hb = latest_hb()
         await pt.stop()
         return nc, hb
 

@@ -108,14 +108,3 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         pass
 
-
-def make_backend(kind: str, url: str, model: str, **kw) -> Backend:
-    """StackConfig.backend -> a Backend. Heavy imports happen here, lazily."""
-    kind = kind.strip().lower().replace("_", "-")
-    if kind == "triton":
-        from workers.backends.triton import TritonBackend
-        return TritonBackend(url, model, **kw)
-    if kind in ("tensorrt-llm", "trtllm", "trt-llm"):
-        from workers.backends.trtllm import TrtLlmBackend
-        return TrtLlmBackend(model, **kw)
-    raise ValueError(f"unknown backend {kind!r}; choose switchyard, triton or tensorrt-llm")

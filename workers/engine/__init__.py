@@ -1,20 +1,18 @@
-"""Switchyard's PyTorch engine. Heavy modules load lazily so that plain-data modules
-(plan, sampling_params, errors) import without torch."""
+"""Switchyard's PyTorch engine: the model-execution library (loader, Llama model, paged attention, sampler,
+detokenizer, ModelRunner). Heavy modules load lazily so that plain-data modules (config, plan,
+sampling_params, errors) import without torch.
+
+The in-process `Engine` (model + scheduler + step loop) is one layer up, in batcher/engine.py: it
+combines this package's ModelRunner with the batcher's scheduler.
+"""
 from workers.engine.errors import InvalidRequestError, UnknownModelError
 from workers.engine.sampling_params import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "SamplingParams", "InvalidRequestError", "UnknownModelError",
-           "CompletionOutput", "RequestOutput"]
+__all__ = ["EngineConfig", "SamplingParams", "InvalidRequestError", "UnknownModelError"]
 
 
 def __getattr__(name):
-    if name in ("Engine", "CompletionOutput"):
-        from workers.engine import engine
-        return getattr(engine, name)
     if name == "EngineConfig":
         from workers.engine.config import EngineConfig
         return EngineConfig
-    if name == "RequestOutput":
-        from batcher.engine_core import RequestOutput
-        return RequestOutput
     raise AttributeError(name)

@@ -5,7 +5,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.config import MAX_MESSAGE_BYTES
+from common.config import MAX_MESSAGE_BYTES
 
 
 def options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -53,7 +53,7 @@ def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
     """Bind insecure host:port; raise a clear error when the port is taken."""
     bound = srv.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        from services.ports import PortInUseError
+        from common.ports import PortInUseError
         raise PortInUseError(f"cannot listen on {host}:{port} (in use or not permitted)")
     return bound
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def load_tokenizer(name: str):
     """The engine loader's tokenizer for `name` (built-in name, .gguf or HF folder)."""
-    from services.catalog import source_of
+    from common.catalog import source_of
     from workers.engine import loader
     name = source_of(name)   # a model pool's served name (<model>@<version>) -> its source
     fn = getattr(loader, "load_tokenizer", None)

@@ -1,10 +1,15 @@
-"""The in-process engine facade: a model, its KV cache, a scheduler and a step loop in one object.
+"""The in-process engine: a model, its KV cache, a scheduler and a step loop in one object.
 
+    from batcher.engine import Engine
+    from workers.engine import SamplingParams
     eng = Engine.from_model("smollm2-135m")
     for out in eng.generate(["The capital of France is"], SamplingParams(max_tokens=32)):
         print(out.text)
 
-The batcher service drives the same EngineCore with a remote runner instead of ModelRunner.
+It is the batcher and the worker in one process: this package's EngineCore (scheduler + block allocator,
+batcher/engine_core.py) driving a local ModelRunner (workers/engine/model_runner.py) by call, where the
+batcher service drives the same EngineCore over the worker's `Worker/Step` stream. So it sits above both
+(docs/architecture.md, "Layers"); workers/engine/ is the model-execution library beneath it.
 """
 from __future__ import annotations
 

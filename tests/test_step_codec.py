@@ -1,6 +1,6 @@
+from kv_manager.event_codec import kv_events_from_proto, kv_events_to_proto
 from kv_manager.events import CLEARED, REMOVED, STORED, KvEvent
 from protos.switchyard.v1 import common_pb2, worker_pb2
-from services.bus_codec import kv_events_from_proto, kv_events_to_proto
 from workers.engine.plan import NewRequestPlan, RunningRequestPlan, StepPlan, StepResult
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import (

@@ -1,6 +1,6 @@
 import pytest
 
-from services import subjects
+from common import subjects
 
 
 def test_subject_names():

@@ -1,18 +1,17 @@
-"""Engine dataclasses <-> the NATS protobufs of protos/switchyard/v1/bus.proto."""
+"""KV events (kv_manager/events.py) <-> their NATS form, bus_pb2.KvEventBatch (`sy.kv.<worker>`).
+
+The batcher encodes one batch per engine step (batcher/nats_edge.py); the KV index service decodes them
+(kv_manager/service.py).
+"""
 from __future__ import annotations
 
+from kv_manager.block_hash import HASH_MASK  # block hashes are uint64 already; masked for the wire type
 from kv_manager.events import CLEARED, REMOVED, STORED, KvEvent
-from protos.switchyard.v1 import bus_pb2, common_pb2
+from protos.switchyard.v1 import bus_pb2
 
 _KIND_TO_PB = {STORED: bus_pb2.KV_EVENT_KIND_STORED, REMOVED: bus_pb2.KV_EVENT_KIND_REMOVED,
                CLEARED: bus_pb2.KV_EVENT_KIND_CLEARED}
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
-
-FINISH_TO_PB = {None: common_pb2.FINISH_REASON_UNSPECIFIED, "stop": common_pb2.FINISH_REASON_STOP,
-                "length": common_pb2.FINISH_REASON_LENGTH, "abort": common_pb2.FINISH_REASON_ABORT}
-FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
-
-HASH_MASK = (1 << 64) - 1  # block hashes are uint64 already; mask defensively for the wire type
 
 
 def kv_events_to_proto(worker_id: str, seq: int, events: list[KvEvent]) -> bus_pb2.KvEventBatch:

@@ -40,6 +40,17 @@ ENGINE_ALIASES = ("device", "num_kv_blocks", "block_size", "max_num_seqs", "max_
                   "lora_adapters", "max_loras", "max_lora_rank")
 ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig))
 
+# routing_policy values (the policies themselves: router/routing.py). kv: prefix overlap + load (DESIGN's
+# cost); least_loaded and round_robin: the baselines `switchyard bench compare --routing` measures it against.
+KV, LEAST_LOADED, ROUND_ROBIN = "kv", "least_loaded", "round_robin"
+POLICIES = (KV, LEAST_LOADED, ROUND_ROBIN)
+
+
+def normalize_policy(name: str) -> str:
+    """'round-robin' / 'Round_Robin' -> 'round_robin'; 'kv-aware' -> 'kv'."""
+    n = str(name).strip().lower().replace("-", "_")
+    return KV if n in ("kv_aware", "kv_locality") else n
+
 
 @dataclass
 class StackConfig:
@@ -91,7 +102,6 @@ class StackConfig:
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):   # StackConfig(**json.load(f)): the [engine] table as a dict
             self.engine = engine_config_from(self.engine)
-        from router.routing import POLICIES, normalize_policy
         self.routing_policy = normalize_policy(self.routing_policy)
         if self.routing_policy not in POLICIES:
             raise ValueError(f"routing_policy {self.routing_policy!r}: choose one of {', '.join(POLICIES)}")

@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from services.config import engine_config_from, split_engine_keys
+from common.config import engine_config_from, split_engine_keys
 
 SOURCES_ENV = "SWITCHYARD_MODEL_SOURCES_FILE"   # served name -> source map for tokenizer lookups
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")

@@ -4,7 +4,7 @@
         run_service("router", start, description="...", flags=("port", "host", "nats", "kv-manager", "model"))
 
 `run_service` parses the flags (always --config and --metrics-port; the others from FLAGS by name),
-loads the one StackConfig (services/config.py; --model overrides its model), sets up logging
+loads the one StackConfig (common/config.py; --model overrides its model), sets up logging
 (`log_level`), tracing and /metrics, then runs `start(svc)` while listening for SIGTERM / SIGINT.
 `start` builds the service through `svc` (NATS connection, gRPC channels and servers) and registers
 what to drain and stop; the skeleton then does the same for everyone:
@@ -15,8 +15,8 @@ what to drain and stop; the skeleton then does the same for everyone:
 * stop: gRPC servers stop, then everything registered is closed in reverse order (the service's
   `on_stop`, its channels, NATS last), then tracing flushes.
 
-Bottom layer: imports only services.config / proc / rpc (and telemetry, nats lazily), never the
-launcher, the CLI or the pool.
+Plumbing layer (common/): imports only common.config / proc / rpc (and telemetry, nats lazily), never a
+service, the launcher, the CLI or the pool.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import os
 import sys
 from typing import Awaitable, Callable, Sequence
 
-from services import proc
-from services.config import StackConfig, load_config
+from common import proc
+from common.config import StackConfig, load_config
 
 log = logging.getLogger("switchyard.service")
 
@@ -51,7 +51,7 @@ class GrpcEndpoint:
     """A gRPC server with health (overall + each service) and reflection, bound to one port."""
 
     def __init__(self, svc: "Service", services: Sequence[str], port: int, grace_s: float):
-        from services import rpc
+        from common import rpc
         self._svc = svc
         self.services = list(services)
         self.grace_s = grace_s
@@ -67,7 +67,7 @@ class GrpcEndpoint:
         self.started = True
 
     async def set_serving(self, serving: bool) -> None:
-        from services import rpc
+        from common import rpc
         await rpc.set_serving(self.health, self.services, serving)
 
 
@@ -102,7 +102,7 @@ class Service:
 
     def channel(self, target: str):
         """A gRPC aio channel with the config's message limits; closed at stop."""
-        from services import rpc
+        from common import rpc
         ch = rpc.channel(target, self.cfg.max_message_bytes)
         self.on_stop(ch.close)
         return ch
@@ -145,7 +145,7 @@ def build_parser(description: str, flags: Sequence[str], required: Sequence[str]
             spec["required"] = True
             spec["help"] = spec["help"].split(" (default")[0].split("; default")[0]
         ap.add_argument(f"--{name}", **spec)
-    ap.add_argument("--config", default=None, help="stack config file, TOML or JSON (services/config.py)")
+    ap.add_argument("--config", default=None, help="stack config file, TOML or JSON (common/config.py)")
     ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     return ap
 
