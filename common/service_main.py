@@ -47,6 +47,34 @@ FLAGS: dict[str, dict] = {
 }
 
 
+async def connect_nats_client(url: str, name: str):
+    """nats.connect for a client that outlives nats-server restarts (the launcher restarts a dead one on
+    the same port and store): reconnect forever, and say one warning per disconnect and per reconnect
+    instead of nats-py's traceback for every failed attempt (and nothing for our own drain/close)."""
+    import nats
+    import nats.errors
+    box: dict = {}
+
+    async def disconnected() -> None:
+        nc = box.get("nc")
+        if nc is not None and not (nc.is_closed or nc.is_draining):
+            log.warning("%s: NATS connection lost; reconnecting", name)
+
+    async def reconnected() -> None:
+        log.warning("%s: NATS reconnected", name)
+
+    quiet = (OSError, asyncio.TimeoutError, nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError,
+             nats.errors.NoServersError)
+
+    async def error(e: Exception) -> None:   # no traceback; refused connects while the server is down: debug
+        log.log(logging.DEBUG if isinstance(e, quiet) else logging.WARNING, "%s: NATS error: %r", name, e)
+
+    nc = box["nc"] = await nats.connect(url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
+                                        reconnect_time_wait=0.2, disconnected_cb=disconnected,
+                                        reconnected_cb=reconnected, error_cb=error)
+    return nc
+
+
 class GrpcEndpoint:
     """A gRPC server with health (overall + each service) and reflection, bound to one port."""
 
@@ -93,10 +121,7 @@ class Service:
 
     async def connect_nats(self, client_name: str | None = None):
         """A NATS client (--nats, else the config's URL), reconnecting forever; drained last at stop."""
-        import nats
-        nc = await nats.connect(getattr(self.args, "nats", None) or self.cfg.nats_url,
-                                name=client_name or self.name, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.2)
+        nc = await connect_nats_client(getattr(self.args, "nats", None) or self.cfg.nats_url, client_name or self.name)
         self.on_stop(nc.drain)
         return nc
 

@@ -76,6 +76,8 @@ def status_dict(router: str, timeout: float = 5.0) -> dict:
         d["metrics"] = state.get("metrics", {})
         d["trace_file"] = state.get("trace_file", "")
         d["logs"] = state.get("logs", "")
+        # Per supervised unit: state (up / restarting), restarting_since (epoch s), restarts, last exit code.
+        d["services"] = state.get("services", {})
     except (OSError, ValueError):
         pass
     import grpc
@@ -107,9 +109,27 @@ def cmd_status(args) -> int:
               f"{100 * w['prefix_cache_hit_rate']:>8.1f}% {w['router_in_flight']:>9}")
     if not st["workers"]:
         print("(no workers)")
+    print_services(st.get("services", {}))
     from services.pool_cli import print_models_table
     print_models_table(args.router, header=True)
     return 0
+
+
+def print_services(services: dict) -> None:
+    """The launcher's supervision table: each unit's state, restarts and last exit code."""
+    if not services:
+        return
+    import time
+    print(f"\n{'service':12} {'state':22} {'restarts':>8} {'last exit':>9}  pids")
+    for name, u in services.items():
+        state = u["state"]
+        if state == "restarting" and u.get("restarting_since"):
+            state += f" ({time.time() - u['restarting_since']:.0f}s)"
+        code = "" if u.get("last_exit_code") is None else str(u["last_exit_code"])
+        if code and u.get("last_exited") and u["last_exited"] != name:
+            code = f"{code} ({u['last_exited'].split('-')[0]})"
+        pids = " ".join(f"{n}={p}" for n, p in u.get("pids", {}).items())
+        print(f"{name:12} {state:22} {u['restarts']:>8} {code:>9}  {pids}")
 
 
 def cmd_trace(args) -> int:

@@ -5,6 +5,12 @@ every worker healthy. Stop order (SIGTERM / Ctrl-C) is the drain: router first (
 open streams finish within the grace period), then batchers, workers, kv_manager, nats last.
 Every child lives in its own process group and dies with the launcher (common/proc.py).
 
+Supervision (services/supervision.py): while up, a child that dies is started again with backoff
+(0.5 s doubling to 10 s, reset after a minute up); a batcher and its worker as a pair (the other is
+killed, both start again), nats-server on the same port and store (every service reconnects).
+Each unit's state (up / restarting since, restarts, last exit code) is in stack.json under
+`services`, which `switchyard status` shows. A clean stop restarts nothing.
+
 Work directory: logs/ (one <child>.log each), the nats store and stack.json. Without `--workdir` it
 is a fresh temp folder, removed after a clean stop and kept (and named) when the stack failed.
 """
@@ -27,6 +33,7 @@ from common import proc
 from common.config import StackConfig, write_config
 from common.ports import check_free, free_port
 from services import nats_server
+from services.supervision import Unit
 
 
 class StackError(RuntimeError):
@@ -54,6 +61,8 @@ class Stack:
         self.metrics_ports: dict[str, int] = {}   # child name -> its /metrics port (free ones)
         self.triton_front: proc.Child | None = None   # `--triton-port`: services/triton_front.py
         self.pool = None                               # services/pool.PoolManager when cfg.pool_config
+        self.units: dict[str, Unit] = {}               # supervised units by name (after start)
+        self.stopping = False
         if self.cfg.pool_config:
             from services.pool_setup import make_pool
             self.cfg, self.config_path, self.pool = make_pool(self)
@@ -82,39 +91,62 @@ class Stack:
 
     # ---- start ---------------------------------------------------------------------------------
     def _metrics_args(self, name: str) -> list[str]:
-        port = self.metrics_ports[name] = free_port(self.cfg.host)
+        """--metrics-port: a free port the first time, the same one when the child is restarted."""
+        port = self.metrics_ports.get(name) or free_port(self.cfg.host)
+        self.metrics_ports[name] = port
         return ["--metrics-port", str(port)]
 
+    # One spawner per child, used at start and by the supervisor's restarts (same ports, same args).
+    def _spawn_nats(self) -> proc.Child:
+        cfg = self.cfg
+        return nats_server.start(cfg.host, cfg.nats_port, self.workdir, cfg.nats_max_payload, self.log_dir)
+
+    def _spawn_kv_manager(self) -> proc.Child:
+        return proc.spawn("kv_manager", proc.python_module(
+            "kv_manager.main", "--config", str(self.config_path), "--port", str(self.cfg.kv_manager_port),
+            *self._metrics_args("kv_manager")), self.log_dir)
+
+    def _spawn_worker(self, i: int) -> proc.Child:
+        name = f"worker-{self.worker_id(i)}"
+        return proc.spawn(name, proc.python_module(
+            "workers.main", "--config", str(self.config_path), "--port", str(self.worker_ports[i]),
+            "--worker-id", self.worker_id(i), *self._metrics_args(name)), self.log_dir)
+
+    def _spawn_batcher(self, i: int) -> proc.Child:
+        name = f"batcher-{self.worker_id(i)}"
+        if self.cfg.backend != "switchyard":   # external engine: a pass-through batcher, no worker
+            return proc.spawn(name, proc.python_module(
+                "batcher.passthrough_main", "--config", str(self.config_path), "--worker-id", self.worker_id(i),
+                *self._metrics_args(name)), self.log_dir)
+        return proc.spawn(name, proc.python_module(
+            "batcher.main", "--config", str(self.config_path), "--worker-id", self.worker_id(i),
+            "--worker-addr", f"{self.cfg.host}:{self.worker_ports[i]}", *self._metrics_args(name)), self.log_dir)
+
+    def _spawn_router(self) -> proc.Child:
+        return proc.spawn("router", proc.python_module(
+            "router.main", "--config", str(self.config_path), "--port", str(self.cfg.router_port),
+            *self._metrics_args("router")), self.log_dir)
+
+    def _spawn_triton_front(self) -> proc.Child:
+        return proc.spawn("triton_front", proc.python_module(
+            "services.triton_front", "--config", str(self.config_path), "--port", str(self.cfg.triton_port)),
+            self.log_dir)
+
     def start(self) -> "Stack":
-        cfg, conf = self.cfg, str(self.config_path)
+        cfg = self.cfg
         try:
-            self.nats = nats_server.start(cfg.host, cfg.nats_port, self.workdir, cfg.nats_max_payload, self.log_dir)
-            self.kv_manager = proc.spawn("kv_manager", proc.python_module(
-                "kv_manager.main", "--config", conf, "--port", str(cfg.kv_manager_port),
-                *self._metrics_args("kv_manager")), self.log_dir)
+            self.nats = self._spawn_nats()
+            self.kv_manager = self._spawn_kv_manager()
             for i in range(cfg.workers if cfg.backend == "switchyard" else 0):  # else: pass-through below
                 port = free_port(cfg.host) if cfg.worker_base_port == 0 else check_free(
                     cfg.worker_base_port + i, f"worker {i}", cfg.host)
                 self.worker_ports.append(port)
-                self.workers.append(proc.spawn(f"worker-{self.worker_id(i)}", proc.python_module(
-                    "workers.main", "--config", conf, "--port", str(port), "--worker-id", self.worker_id(i),
-                    *self._metrics_args(f"worker-{self.worker_id(i)}")), self.log_dir))
-            for i, port in enumerate(self.worker_ports):
-                self.batchers.append(proc.spawn(f"batcher-{self.worker_id(i)}", proc.python_module(
-                    "batcher.main", "--config", conf, "--worker-id", self.worker_id(i),
-                    "--worker-addr", f"{cfg.host}:{port}", *self._metrics_args(f"batcher-{self.worker_id(i)}")),
-                    self.log_dir))
-            if cfg.backend != "switchyard":   # external engine: a pass-through batcher per worker, no worker
-                for i in range(cfg.workers):
-                    self.batchers.append(proc.spawn(f"batcher-{self.worker_id(i)}", proc.python_module(
-                        "batcher.passthrough_main", "--config", conf, "--worker-id", self.worker_id(i),
-                        *self._metrics_args(f"batcher-{self.worker_id(i)}")), self.log_dir))
-            self.router = proc.spawn("router", proc.python_module(
-                "router.main", "--config", conf, "--port", str(cfg.router_port), *self._metrics_args("router")),
-                self.log_dir)
+                self.workers.append(self._spawn_worker(i))
+            for i in range(cfg.workers if cfg.backend != "switchyard" else len(self.worker_ports)):
+                self.batchers.append(self._spawn_batcher(i))
+            self.router = self._spawn_router()
             if cfg.triton_port is not None:
-                self.triton_front = proc.spawn("triton_front", proc.python_module(
-                    "services.triton_front", "--config", conf, "--port", str(cfg.triton_port)), self.log_dir)
+                self.triton_front = self._spawn_triton_front()
             self.wait_healthy(cfg.startup_timeout_s)
             if self.pool is not None:   # the catalogue's min_replicas, once the router hears heartbeats
                 self.pool.start(cfg.startup_timeout_s)
@@ -124,8 +156,81 @@ class Stack:
         except BaseException:
             self.stop(drain=False)
             raise
+        self._make_units()
         self._write_state()
         return self
+
+    # ---- supervision ---------------------------------------------------------------------------
+    def _make_units(self) -> None:
+        units = [Unit("nats", ["nats"]), Unit("kv_manager", ["kv_manager"])]
+        for i in range(len(self.batchers)):
+            wid = self.worker_id(i)
+            units.append(Unit(wid, ([f"worker-{wid}"] if i < len(self.workers) else []) + [f"batcher-{wid}"]))
+        units.append(Unit("router", ["router"]))
+        if self.triton_front:
+            units.append(Unit("triton_front", ["triton_front"]))
+        self.units = {u.name: u for u in units}
+
+    def _members(self, unit: Unit) -> list[proc.Child]:
+        if unit.name in ("nats", "kv_manager", "router", "triton_front"):
+            c = getattr(self, unit.name)
+            return [c] if c else []
+        i = int(unit.name[1:])   # a worker id "w<i>": its worker (if any) and its batcher
+        return [*self.workers[i:i + 1], self.batchers[i]]
+
+    def _respawn(self, unit: Unit) -> None:
+        if unit.name == "nats":
+            self.nats = self._spawn_nats()
+        elif unit.name == "kv_manager":
+            self.kv_manager = self._spawn_kv_manager()
+        elif unit.name == "router":
+            self.router = self._spawn_router()
+        elif unit.name == "triton_front":
+            self.triton_front = self._spawn_triton_front()
+        else:
+            i = int(unit.name[1:])
+            if i < len(self.workers):   # the worker first: its batcher waits for it
+                self.workers[i] = self._spawn_worker(i)
+            self.batchers[i] = self._spawn_batcher(i)
+
+    def supervise(self, say=None) -> bool:
+        """One look at every unit (the `up` loop calls it a few times a second): a dead member takes its
+        unit down (the rest of a pair is killed) and schedules the restart; a unit whose backoff has
+        passed is started again. Rewrites stack.json when anything changed; True then."""
+        say = say or (lambda msg: print(f"switchyard: {msg}", file=sys.stderr, flush=True))
+        changed = False
+        for unit in list(self.units.values()):
+            if self.stopping:
+                return changed
+            if unit.state == "up":
+                dead = [c for c in self._members(unit) if not c.alive()]
+                if dead:
+                    wait = unit.died(dead[0].name, dead[0].popen.returncode)
+                    for c in self._members(unit):
+                        c.stop(1.0)   # the pair's other half (its state refers to the dead one), and leftovers
+                    say(f"{dead[0].name} exited with code {dead[0].popen.returncode}; restarting "
+                        f"{' + '.join(unit.members)} in {wait:.1f}s (restart {unit.restarts + 1})")
+                    changed = True
+            if unit.due():
+                try:
+                    self._respawn(unit)
+                except Exception as e:   # e.g. nats-server not ready in time: try again after the next backoff
+                    for c in self._members(unit):
+                        c.stop(1.0)
+                    wait = unit.died(unit.members[-1], None)
+                    say(f"restarting {unit.name} failed ({e}); next try in {wait:.1f}s")
+                else:
+                    unit.restarted()
+                    say(f"restarted {' + '.join(unit.members)} (pid "
+                        f"{', '.join(str(c.pid) for c in self._members(unit))}; restarts: {unit.restarts})")
+                changed = True
+        if changed:
+            self._write_state()
+        return changed
+
+    @property
+    def restarts(self) -> int:
+        return sum(u.restarts for u in self.units.values())
 
     def _wait_listening(self, child: proc.Child, port: int, timeout: float) -> None:
         import socket
@@ -179,7 +284,9 @@ class Stack:
                              for i, (w, b) in enumerate(zip(self.workers, self.batchers))},
                  "metrics": self.metrics_endpoints(),
                  "triton": f"{self.cfg.host}:{self.cfg.triton_port}" if self.cfg.triton_port is not None else "",
-                 "trace_file": self.cfg.trace_file, "otlp_endpoint": self.cfg.otlp_endpoint}
+                 "trace_file": self.cfg.trace_file, "otlp_endpoint": self.cfg.otlp_endpoint,
+                 "services": {name: {**u.snapshot(), "pids": {c.name: c.pid for c in self._members(u)}}
+                              for name, u in self.units.items()}}
         if self.pool is not None:
             state["pool"] = {"control": f"{self.cfg.host}:{self.cfg.pool_control_port}", **self.pool.snapshot()}
         text = json.dumps(state, indent=1)
@@ -196,6 +303,7 @@ class Stack:
     # ---- stop ----------------------------------------------------------------------------------
     def stop(self, drain: bool = True) -> None:
         """Drain in dependency order; SIGKILL whatever outlives its timeout."""
+        self.stopping = True   # the supervisor restarts nothing from here on
         grace = self.cfg.drain_grace_s if drain else 0.5
         if self.triton_front:   # a client of the router: stops first
             self.triton_front.stop(5.0)
@@ -287,20 +395,14 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
         stream_generate(stack.router_address, demo, max_tokens=96, chat=True, out=out)
         print(f"switchyard: try `switchyard generate \"...\" --router {stack.router_address}`; "
               f"Ctrl-C to stop", file=out, flush=True)
-    reported: set[str] = set()
     rc = 0
-    while not stop.wait(0.25):
-        for c in stack.dead_children():
-            if c.name not in reported:
-                reported.add(c.name)
-                print(f"switchyard: {c.name} exited with code {c.popen.returncode}", file=sys.stderr, flush=True)
-        if stack.router and not stack.router.alive() or stack.nats and not stack.nats.alive():
-            rc = 1
-            break
+    while not stop.wait(0.25):   # supervise: a dead child is restarted with backoff (services/supervision.py)
+        stack.supervise()
     print("switchyard: draining", file=out, flush=True)
     stack.stop(drain=True)
-    if rc or reported:   # a child died: keep its logs
-        print(f"switchyard: stopped after a failure; logs kept in {stack.log_dir}", file=sys.stderr, flush=True)
+    if stack.restarts or any(u.state != "up" for u in stack.units.values()):   # a child died: keep its logs
+        print(f"switchyard: stopped after {stack.restarts} restart(s); logs kept in {stack.log_dir}",
+              file=sys.stderr, flush=True)
     elif stack.remove_workdir():
         print(f"switchyard: stopped; removed {stack.workdir}", file=out, flush=True)
     else:

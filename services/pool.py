@@ -206,8 +206,6 @@ class PoolManager:
                 self._ready.set()
 
     async def _main(self) -> None:
-        import nats
-
         from common import rpc, subjects
         from protos.switchyard.v1 import pool_pb2_grpc
         from telemetry import metrics as M
@@ -216,8 +214,8 @@ class PoolManager:
         self._stop_event = asyncio.Event()
         for m in self.catalog.models:
             self.models[m.name] = ModelEntry(m, m.version, m.source)
-        self._nc = await nats.connect(self.cfg.nats_url, name="pool", max_reconnect_attempts=-1,
-                                      reconnect_time_wait=0.2)
+        from common.service_main import connect_nats_client
+        self._nc = await connect_nats_client(self.cfg.nats_url, "pool")
         await self._nc.subscribe(subjects.ALL_HEARTBEATS, cb=self._on_heartbeat)
         self._server = rpc.server(self.cfg.max_message_bytes)
         pool_pb2_grpc.add_PoolServicer_to_server(PoolServicer(self), self._server)
