@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from common import rpc
 from common.waiting import Pulse
 from protos.switchyard.v1 import bus_pb2, worker_pb2, worker_pb2_grpc
 from workers.engine.errors import UnknownAdapterError
@@ -85,7 +86,7 @@ class BatcherAdapters:
             except Exception as e:   # a bug here: log it, and answer rather than leave the caller to time out
                 log.exception("%s %r on worker %s failed", ctl.action, ctl.adapter, self.worker_id)
                 return reply(False, "INTERNAL", f"{ctl.action} {ctl.adapter!r} on worker {self.worker_id}: "
-                                                f"{type(e).__name__}: {e}")
+                                                f"{type(e).__name__}: {rpc.describe(e)}")
         t = asyncio.create_task(run(), name=f"batcher-{ctl.action}")
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)

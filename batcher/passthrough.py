@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from batcher.nats_edge import NatsEdge
-from common import subjects
+from common import rpc, subjects
 from common.bus_codec import FINISH_TO_PB
 from common.config import StackConfig
 from common.waiting import wait_set
@@ -274,7 +274,7 @@ class PassthroughBatcher:
             log.exception("worker %s: relay of %s to the %s backend failed", self.worker_id, rid, self.backend.name)
             if self._entries.pop(rid, None) is not None:
                 await self.edge.fail(rid, bus_pb2.CHUNK_ERROR_INTERNAL,
-                                     f"{self.backend.name} backend failed: {type(err).__name__}: {err}")
+                                     f"{self.backend.name} backend failed: {type(err).__name__}: {rpc.describe(err)}")
 
     # ---- heartbeat (the edge publishes it; this adds the backend's part) and KV events --------------
     def heartbeat(self) -> bus_pb2.Heartbeat:

@@ -73,7 +73,7 @@ class RemoteRunner:
             await call.write(pb)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
             self._call = None
-            raise WorkerLostError(f"worker Step stream failed: {e}") from e
+            raise WorkerLostError(f"worker Step stream failed: {rpc.describe(e)}") from e
 
     async def receive(self) -> StepResult:
         call = self._call
@@ -83,7 +83,7 @@ class RemoteRunner:
             pb = await call.read()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
             self._call = None
-            raise WorkerLostError(f"worker Step stream failed: {e}") from e
+            raise WorkerLostError(f"worker Step stream failed: {rpc.describe(e)}") from e
         if pb is grpc.aio.EOF:
             self._call = None
             raise WorkerLostError("worker closed the Step stream")

@@ -33,6 +33,7 @@ DEFAULT_ROUTER_PORT = 50051
 DEFAULT_MODEL = "smollm2-135m"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC send/receive limit on every server and channel
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024    # a prompt of 128k token ids is ~0.5 MB as varints
+MAX_REQUEST_BYTES = 8 * 1024 * 1024   # router: one request as received (a long-context prompt is well under)
 
 # Engine keys also accepted at the top level of a config file or a [stack] table (same meaning as
 # under [engine]): the flat keys configs, tests and deploy files used before [engine] existed.
@@ -85,6 +86,15 @@ class StackConfig:
     startup_timeout_s: float = 180.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
     nats_max_payload: int = NATS_MAX_PAYLOAD
+    # limits checked at the router before any work (router/validation.py check_limits; INVALID_ARGUMENT
+    # naming the key and the value). Requests larger than max_message_bytes never reach the servicer.
+    max_request_bytes: int = MAX_REQUEST_BYTES   # a Generate/Tokenize request as received, before decoding
+    max_prompt_chars: int = 0            # prompt (or all messages' content); 0: context x prompt_chars_per_token
+    prompt_chars_per_token: int = 16     # generous: real text runs ~4 characters a token
+    max_prompt_tokens: int = 0           # 0: the model's context - 1 (at least one token to generate)
+    max_stop_strings: int = 64           # sampling.stop: how many strings
+    max_stop_bytes: int = 64 * 1024      # sampling.stop: their UTF-8 bytes together
+    max_stop_token_ids: int = 1024       # sampling.stop_token_ids: how many (each in [0, vocab size))
     log_level: str = "warning"
     # telemetry (telemetry/): tracing is off unless an OTLP endpoint or a trace file is set
     otlp_endpoint: str = ""              # e.g. http://localhost:4317 (else OTEL_EXPORTER_OTLP_ENDPOINT)

@@ -32,7 +32,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # No SO_REUSEADDR: we want to see a port that something is listening on as taken.
+        # SO_REUSEADDR so a port whose last connections sit in TIME_WAIT (a stack just stopped)
+        # counts as free, as it is for the servers, which bind with it too. On Linux a port that
+        # something is listening on still fails to bind, so it is still reported as taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

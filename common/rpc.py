@@ -87,3 +87,110 @@ def _int64_as_numbers(desc, d: dict) -> dict:
         elif f.type in int64:
             d[f.name] = [int(x) for x in v] if repeated else int(v)
     return d
+
+
+# ---- front doors: requests that cannot be decoded, or are too large, get INVALID_ARGUMENT -------------
+class Refused:
+    """What the checked deserializer returns instead of a message: the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def checked_deserializer(parse, name: str, max_request_bytes: int = 0):
+    """A request deserializer that never raises (grpc would answer UNKNOWN with the exception's class):
+    a request over max_request_bytes is refused before it is parsed, one that does not decode (garbage
+    bytes, invalid UTF-8 in a string field) is refused with protobuf's reason."""
+    from google.protobuf.message import DecodeError
+
+    def deserialize(data: bytes):
+        if max_request_bytes and len(data) > max_request_bytes:
+            return Refused(f"request is {len(data)} bytes; the limit (max_request_bytes) is "
+                           f"{max_request_bytes} bytes")
+        try:
+            return parse(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as e:
+            return Refused(f"request could not be decoded as {name}: {e}")
+    return deserialize
+
+
+def _checked_handler(handler, service: str, method: str, max_request_bytes: int, on_refused):
+    """The same method handler with a checked deserializer and a behaviour that answers a Refused."""
+    parse = handler.request_deserializer
+    if parse is None or handler.request_streaming:
+        return handler
+    name = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    name = name.full_name if name is not None else f"{service}/{method} request"
+
+    async def refuse(context, r: Refused):
+        if on_refused is not None:
+            on_refused(method, r)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, r.message)
+
+    if handler.response_streaming:
+        behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, Refused):
+                await refuse(context, request)
+                return
+            async for item in behavior(request, context):
+                yield item
+        return handler._replace(request_deserializer=checked_deserializer(parse, name, max_request_bytes),
+                                unary_stream=unary_stream)
+    behavior = handler.unary_unary
+
+    async def unary_unary(request, context):
+        if isinstance(request, Refused):
+            await refuse(context, request)
+        return await behavior(request, context)
+    return handler._replace(request_deserializer=checked_deserializer(parse, name, max_request_bytes),
+                            unary_unary=unary_unary)
+
+
+class _CheckedServer:
+    """Stands in for the server in a generated `add_XServicer_to_server`, wrapping each method handler."""
+
+    def __init__(self, server, max_request_bytes: int, on_refused):
+        self._server = server
+        self._max = max_request_bytes
+        self._on_refused = on_refused
+        self._wrapped: dict[str, dict] = {}
+
+    def _wrap(self, service: str, handlers: dict) -> dict:
+        if service not in self._wrapped:
+            self._wrapped[service] = {m: _checked_handler(h, service, m, self._max, self._on_refused)
+                                      for m, h in handlers.items()}
+        return self._wrapped[service]
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        out = []
+        for h in handlers:   # grpc.method_handlers_generic_handler(service, {method: handler})
+            service, methods = getattr(h, "_name", None), getattr(h, "_method_handlers", None)
+            if isinstance(service, str) and isinstance(methods, dict):   # keyed "/service/method"
+                methods = {k.rsplit("/", 1)[-1]: v for k, v in methods.items()}
+                h = grpc.method_handlers_generic_handler(service, self._wrap(service, methods))
+            out.append(h)
+        self._server.add_generic_rpc_handlers(tuple(out))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(service, self._wrap(service, handlers))
+
+
+def add_checked_servicer(add_fn, servicer, server, max_request_bytes: int = 0, on_refused=None) -> None:
+    """`add_fn(servicer, server)` (a generated add_XServicer_to_server) for a front door: requests that
+    do not decode, or exceed max_request_bytes (0: no limit beyond max_message_bytes), are answered
+    INVALID_ARGUMENT with the reason; on_refused(method, Refused) is called first (metrics)."""
+    add_fn(servicer, _CheckedServer(server, max_request_bytes, on_refused))
+
+
+def describe(err) -> str:
+    """A gRPC error as a person reads it: "CODE: details", one line, without grpc's debug_error_string
+    (str() of an RpcError carries it: addresses, file names, timestamps over several lines)."""
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else None
+    if code is None and details is None:
+        return " ".join(str(err).split())
+    text = " ".join(str(details or "").split())
+    name = getattr(code, "name", str(code))
+    return f"{name}: {text}" if text else name

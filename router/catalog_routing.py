@@ -133,7 +133,7 @@ class PoolRouting:
     async def _count_tokens(self, request) -> int:
         text = request.prompt or "\n".join(m.content for m in request.messages)
         tok = await self.router.tokenizer(self.catalog.default_model)
-        return len(tok.encode(text))
+        return len(await self.router.run_tokenizer(tok.encode, text))   # off the event loop
 
     async def select(self, request) -> tuple[str, str, str]:
         """-> (catalogue model name or a served name, reason, adapter or ""). Raises RequestError."""

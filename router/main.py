@@ -7,6 +7,7 @@ SERVICES = ["switchyard.v1.Inference", "switchyard.v1.Admin"]
 
 
 async def start(svc: Service) -> None:
+    from common import rpc
     from protos.switchyard.v1 import inference_pb2_grpc
     from router.service import Router
     from telemetry import metrics
@@ -17,8 +18,11 @@ async def start(svc: Service) -> None:
     kv_channel = svc.channel(svc.args.kv_manager or cfg.kv_manager_address)
     router = Router(cfg, nc, kv_channel, metrics=router_metrics)
     ep = svc.grpc_server(SERVICES, svc.port(cfg.router_port))
-    inference_pb2_grpc.add_InferenceServicer_to_server(router, ep.server)
-    inference_pb2_grpc.add_AdminServicer_to_server(router, ep.server)
+    # Requests that do not decode or exceed max_request_bytes: INVALID_ARGUMENT, not UNKNOWN (common/rpc.py).
+    rpc.add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, router, ep.server,
+                             cfg.max_request_bytes, on_refused=router.refused)
+    rpc.add_checked_servicer(inference_pb2_grpc.add_AdminServicer_to_server, router, ep.server,
+                             cfg.max_request_bytes)
     svc.on_stop(router.stop)
     await ep.start(serving=False)
     await router.start()

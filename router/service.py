@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import nats.errors
@@ -21,12 +22,21 @@ from common.config import StackConfig
 from common.replicas import EXPIRE_EVERY_S
 from common.waiting import Pulse
 from kv_manager.block_hash import block_hashes
-from protos.switchyard.v1 import bus_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
+from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
 from router import routing
 from router.adapter_control import AdapterControl
 from router.adapter_registry import AdapterRegistry
 from router.recent_prefixes import RecentPrefixes, merge_matches
-from router.validation import RequestError, check_input, check_prompt_length, invalid, validate_generate
+from router.validation import (
+    RequestError,
+    check_bus_size,
+    check_input,
+    check_limits,
+    check_prompt_tokens,
+    check_stop_token_ids,
+    invalid,
+    validate_generate,
+)
 from telemetry import propagation, tracing
 from telemetry.metrics import RouterMetrics
 from workers.step_codec import sampling_to_proto
@@ -42,6 +52,8 @@ _ERROR_CODES = {
 }
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
+FALLBACK_MODEL_LEN = 131072   # the context assumed for size limits before any worker reported its own
+TOKENIZE_THREADS = 2     # tokenizing runs here, off the event loop (heartbeats and other streams go on)
 
 
 class _WorkerGone:
@@ -66,6 +78,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         self.draining = False
         self._load_tokenizer = tokenizer_loader
         self._tokenizers: dict = {}
+        self._tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="router-tokenize")
         self._streams: dict[str, tuple[str, asyncio.Queue]] = {}   # request id -> (worker id, queue)
         self._stream_ended = Pulse()   # fired as each Generate ends (drain waits on it)
         self._stop = asyncio.Event()
@@ -102,6 +115,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 await s.unsubscribe()
             except nats.errors.Error as e:   # closed or draining already: nothing more arrives
                 log.debug("unsubscribe: %r", e)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def in_flight(self) -> int:
@@ -196,10 +210,38 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         lens = [w.heartbeat.max_model_len for w in self.table.routable(model) if w.heartbeat.max_model_len]
         return min(lens) if lens else (self.cfg.engine.max_model_len or 1 << 30)
 
-    async def _encode(self, model: str, prompt: str, messages: list[dict]) -> list[int]:
+    def _limit_model_len(self, model: str) -> int:
+        """The context the size limits assume (before the model is resolved or any worker reported): the
+        model's routable workers', else the longest any worker reports, else the configured one."""
+        lens = [w.heartbeat.max_model_len for w in self.table.routable(model) if w.heartbeat.max_model_len]
+        if lens:
+            return min(lens)
+        lens = [w.heartbeat.max_model_len for w in self.table.workers.values() if w.heartbeat.max_model_len]
+        return max(lens) if lens else (self.cfg.engine.max_model_len or FALLBACK_MODEL_LEN)
+
+    def _bus_limit(self) -> int:
+        """The most the router may publish: the config's nats_max_payload and the server's max_payload."""
+        server = getattr(self.nc, "max_payload", 0) or 0
+        server = server if isinstance(server, int) else 0
+        return min(self.cfg.nats_max_payload, server) if server > 0 else self.cfg.nats_max_payload
+
+    async def _encode(self, model: str, prompt: str, messages: list[dict]) -> tuple[list[int], object]:
+        """(token ids, tokenizer); the chat template and the tokenizer run in a thread, not on the loop."""
         tok = await self.tokenizer(model)
-        text = tok.apply_chat_template(messages) if messages else prompt
-        return list(tok.encode(text))
+
+        def encode() -> list[int]:
+            text = tok.apply_chat_template(messages) if messages else prompt
+            return list(tok.encode(text))
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, encode), tok
+
+    async def run_tokenizer(self, fn, *args):
+        """fn(*args) in the tokenize threads (sizes were checked before: it ends in bounded time)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    def refused(self, method: str, _r) -> None:
+        """A request refused before it was decoded (common/rpc.py add_checked_servicer): count it."""
+        if method == "Generate":
+            self.metrics.errors.labels("", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
 
     # ---- Inference -----------------------------------------------------------------------------
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -207,6 +249,13 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         if self.draining:
             self.metrics.errors.labels(request.model, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the router is shutting down; retry on another replica")
+        try:   # sizes first: before model selection, tokenizing or anything else
+            check_limits(request.prompt, request.messages, request.sampling, self.cfg,
+                         self._limit_model_len(request.model))
+        except RequestError as e:
+            self.metrics.errors.labels(request.model, e.code.name).inc()
+            await context.abort(e.code, e.message)
+            return
         if self.pool_routing is None:   # `model` naming an adapter -> its base with adapter_id (the pool does its own)
             request = self.adapter_control.resolve_model(request)
         if self.pool_routing is not None:   # pick the model (name / capabilities / intent); may load it
@@ -222,10 +271,19 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 if v.request_id in self._streams:
                     raise invalid("request_id", f"{v.request_id!r} is already in flight")
             with tracing.span(tracing.ROUTER_TOKENIZE):
-                token_ids = await self._encode(v.model, v.prompt, v.messages)
+                token_ids, tok = await self._encode(v.model, v.prompt, v.messages)
             if not token_ids:
                 raise invalid("prompt", "tokenizes to zero tokens")
-            check_prompt_length(len(token_ids), self._max_model_len(v.model))
+            check_prompt_tokens(len(token_ids), self.cfg, self._max_model_len(v.model))
+            vocab = _vocab_size(tok)
+            if vocab:
+                check_stop_token_ids(v.sampling.stop_token_ids, vocab)
+            breq = bus_pb2.BatchRequest(request_id=v.request_id, prompt_token_ids=token_ids, priority=v.priority,
+                                        reply_subject=subjects.tokens(v.request_id), adapter_id=v.adapter_id or "")
+            sampling_to_proto(v.sampling, breq.sampling)
+            breq.prompt_text = v.prompt   # pass-through backends (Triton, TensorRT-LLM) take text
+            # room for the deadline and the trace context set later
+            check_bus_size(breq.ByteSize() + 256, self._bus_limit())
             with tracing.span(tracing.ROUTER_ROUTE):
                 if v.adapter_id:   # registered but not advertised yet: wait for it (bounded)
                     await self.adapter_control.wait_served(v.model, v.adapter_id, context)
@@ -251,20 +309,18 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
         # Subscribe BEFORE publishing: the first chunk can never race past us.
         sub = await self.nc.subscribe(reply, cb=on_chunk)
-        self._streams[rid] = (worker_id, queue)
-        view = self.table.workers.get(worker_id)
-        if view is not None:
-            view.in_flight += 1
         finished = False
         first = True
         error_code = ""
         reroutes = 0
+        view = None
+        # Everything counted up from here is counted down in the `finally`, whatever happens.
         self.metrics.in_flight.inc()
         try:
-            breq = bus_pb2.BatchRequest(request_id=rid, prompt_token_ids=token_ids, priority=v.priority,
-                                        reply_subject=reply, adapter_id=v.adapter_id or "")
-            sampling_to_proto(v.sampling, breq.sampling)
-            breq.prompt_text = v.prompt   # pass-through backends (Triton, TensorRT-LLM) take text
+            self._streams[rid] = (worker_id, queue)
+            view = self.table.workers.get(worker_id)
+            if view is not None:
+                view.in_flight += 1
             remaining = context.time_remaining()
             if remaining is not None:
                 breq.deadline_unix_ms = int((time.time() + remaining) * 1000)
@@ -396,7 +452,9 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             from router.validation import resolve_model
             model = resolve_model(request.model, "", self.known_models(), self.cfg.model)
             messages = check_input(request.prompt, request.messages)
-            ids = await self._encode(model, request.prompt, messages)
+            check_limits(request.prompt, request.messages, common_pb2.SamplingParams(), self.cfg,
+                         self._limit_model_len(model))
+            ids, _ = await self._encode(model, request.prompt, messages)
         except RequestError as e:
             await context.abort(e.code, e.message)
             return
@@ -445,6 +503,13 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             except grpc.aio.AioRpcError:
                 pass
         return kv_index_pb2.StatusResponse(indexed_blocks_total=total, workers=self.table.status(indexed))
+
+
+def _vocab_size(tok) -> int:
+    try:
+        return int(getattr(tok, "vocab_size", 0) or len(tok))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str:

@@ -116,3 +116,53 @@ def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
     if num_tokens >= max_model_len:
         raise invalid("prompt", f"{num_tokens} tokens exceeds the context of {max_model_len} tokens "
                                 f"(at most {max_model_len - 1} prompt tokens)")
+
+
+def max_prompt_chars(cfg, max_model_len: int) -> int:
+    """The prompt's character limit: the config's, else the context times a generous chars-per-token."""
+    return cfg.max_prompt_chars or max(1, max_model_len) * max(1, cfg.prompt_chars_per_token)
+
+
+def check_limits(prompt: str, messages, sampling_pb, cfg, max_model_len: int) -> None:
+    """Size limits checked before any work (tokenizing included): each refusal names the config key,
+    the limit and the value. `messages`: the request's chat messages (content counted as the prompt)."""
+    chars = len(prompt) + sum(len(m.content) + len(m.role) for m in messages)
+    limit = max_prompt_chars(cfg, max_model_len)
+    if chars > limit:
+        raise invalid("prompt", f"{chars} characters exceeds the limit of {limit} characters "
+                                f"(max_prompt_chars; the model's context is {max_model_len} tokens)")
+    stop = sampling_pb.stop
+    if len(stop) > cfg.max_stop_strings:
+        raise invalid("stop", f"{len(stop)} stop strings exceeds the limit of {cfg.max_stop_strings} "
+                              "(max_stop_strings)")
+    stop_bytes = sum(len(s.encode("utf-8", "surrogatepass")) for s in stop)
+    if stop_bytes > cfg.max_stop_bytes:
+        raise invalid("stop", f"stop strings of {stop_bytes} bytes together exceed the limit of "
+                              f"{cfg.max_stop_bytes} bytes (max_stop_bytes)")
+    n_ids = len(sampling_pb.stop_token_ids)
+    if n_ids > cfg.max_stop_token_ids:
+        raise invalid("stop_token_ids", f"{n_ids} ids exceeds the limit of {cfg.max_stop_token_ids} "
+                                        "(max_stop_token_ids)")
+
+
+def check_prompt_tokens(num_tokens: int, cfg, max_model_len: int) -> None:
+    """The prompt's token count against max_prompt_tokens (when set) and the context."""
+    if cfg.max_prompt_tokens and num_tokens > cfg.max_prompt_tokens:
+        raise invalid("prompt", f"{num_tokens} tokens exceeds the limit of {cfg.max_prompt_tokens} tokens "
+                                "(max_prompt_tokens)")
+    check_prompt_length(num_tokens, max_model_len)
+
+
+def check_stop_token_ids(ids, vocab_size: int) -> None:
+    """Every stop token id within the model's vocabulary [0, vocab_size)."""
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise invalid("stop_token_ids", f"{i} is not a token id of this model (ids are in [0, {vocab_size}))")
+
+
+def check_bus_size(nbytes: int, limit: int) -> None:
+    """A request as published on NATS must fit the connection's max_payload."""
+    if nbytes > limit:
+        raise invalid("prompt", f"the request is {nbytes} bytes on the bus, over the NATS payload limit of "
+                                f"{limit} bytes (nats_max_payload / the server's max_payload); shorten the "
+                                "prompt or the stop lists")

@@ -95,7 +95,14 @@ def _scalar(arr, name: str, rid: str, model: str):
         raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"[request id: {rid}] input '{name}' for model '{model}' has no data")
     v = arr.reshape(-1)[0]
-    return v.decode("utf-8") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError as e:   # answered, not dropped: Triton says what is wrong with the input
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] input '{name}' for model '{model}' is not valid UTF-8 "
+                                   f"(byte {e.start}: {e.reason})") from None
+    return v.item() if hasattr(v, "item") else v
 
 
 def _param_value(p):
@@ -395,6 +402,11 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
                                                        if not e.message.startswith("[request id") else e.message,
                                                        infer_response=pb.ModelInferResponse(
                                                            model_name=request.model_name, id=request.id)))
+        except Exception as e:   # never leave a request on the stream unanswered
+            log.exception("stream request %s failed", request.id)
+            out.put_nowait(pb.ModelStreamInferResponse(
+                error_message=f"[request id: {request.id}] internal error: {type(e).__name__}",
+                infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Decoupled: any number of responses per request; requests on one stream run concurrently."""
@@ -443,7 +455,8 @@ async def serve(args) -> None:
         log.warning("no NATS: repository load/unload disabled", exc_info=True)
     front = TritonFront(cfg, channel, nc)
     srv = rpc.server(cfg.max_message_bytes)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(front, srv)
+    # undecodable requests: INVALID_ARGUMENT, not UNKNOWN (common/rpc.py)
+    rpc.add_checked_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, front, srv, cfg.max_request_bytes)
     hs = rpc.add_health_and_reflection(srv, ["inference.GRPCInferenceService"])
     rpc.bind(srv, args.host or cfg.host, args.port)
     await srv.start()

@@ -21,6 +21,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
+from common import rpc
 from workers.backends.base import (
     EXHAUSTED,
     INTERNAL,
@@ -54,7 +55,7 @@ def map_error(err, url: str = "", model: str = "") -> BackendError:
         return err
     code = None
     if isinstance(err, grpc.aio.AioRpcError):
-        code, msg = err.code(), err.details() or str(err)
+        code, msg = err.code(), err.details() or rpc.describe(err)
     else:
         msg = err.message() if hasattr(err, "message") and callable(err.message) else str(err)
         status = err.status() if hasattr(err, "status") and callable(err.status) else None
