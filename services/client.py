@@ -14,8 +14,9 @@ from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 def stream_generate(router: str, prompt: str, *, model: str | None = None, max_tokens: int = 64,
                     temperature: float = 0.0, seed: int | None = None, chat: bool = False,
-                    timeout: float = 300.0, verbose: bool = False, out=sys.stdout, intent: str = "") -> int:
-    """Stream one completion to `out` as it arrives; returns a process exit code."""
+                    timeout: float = 300.0, verbose: bool = False, out=None, intent: str = "") -> int:
+    """Stream one completion to `out` (default: sys.stdout at call time) as it arrives; returns a process exit code."""
+    out = sys.stdout if out is None else out
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature)
     if seed is not None:
         sampling.seed = seed

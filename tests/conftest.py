@@ -1,10 +1,20 @@
 """Shared session fixtures: the SmolLM2 model (ours and transformers'), converted once into the default cache."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from workers.engine.attention import build_attention_metadata
+# Without a GPU, Triton kernels can only run in Triton's interpreter, and triton decides interpreter
+# vs compiler when a kernel module is imported: set it before any test imports one, so every kernel
+# (attention, prefill, LoRA) is interpreted whichever test imports it first. On a GPU machine the
+# kernels stay compiled (tests that want the interpreter there run it in a subprocess or a fixture).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from workers.engine.attention import build_attention_metadata  # noqa: E402
 
 
 @pytest.fixture(scope="session")
