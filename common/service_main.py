@@ -1,4 +1,5 @@
-"""One skeleton for every service process: router, batcher, pass-through batcher, kv_manager, worker.
+"""One skeleton for every service process: router, batcher, pass-through batcher, kv_manager, worker,
+the Triton front door.
 
     def main(argv=None):
         run_service("router", start, description="...", flags=("port", "host", "nats", "kv-manager", "model"))
@@ -39,6 +40,7 @@ FLAGS: dict[str, dict] = {
     "host": dict(default=None, help="listen address (default: the config's host)"),
     "nats": dict(default=None, help="NATS URL (default: the config's host and nats_port)"),
     "kv-manager": dict(default=None, help="KV index HOST:PORT (default: the config's)"),
+    "router": dict(default=None, help="router HOST:PORT (default: the config's)"),
     "model": dict(default=None, help="model to serve (default: the config's)"),
     "worker-id": dict(default="w0", help="this worker's id"),
     "worker-addr": dict(default=None, help="the worker's HOST:PORT"),

@@ -21,7 +21,6 @@ Triton priorities (1 = highest, 0 = default) map to ours as 11 - p (1 -> 10, 10 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -32,8 +31,8 @@ import grpc
 import nats.errors
 import numpy as np
 
-from common import proc, rpc, subjects
-from common.config import StackConfig, load_config
+from common import rpc, subjects
+from common.config import StackConfig
 from common.waiting import Pulse
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
 from workers.backends.tritongrpc import load as load_triton
@@ -439,48 +438,30 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
                 t.cancel()
 
 
-async def serve(args) -> None:
+async def start(svc) -> None:
+    """The front door on the one service skeleton (common/service_main.py): config, logging, tracing,
+    signals, drain and stop as every other service."""
     import nats
 
-    from telemetry import tracing
-    cfg = load_config(args.config)
-    tracing.setup_from_config("triton_front", cfg)
-    router = args.router or cfg.router_address
-    channel = rpc.channel(router, cfg.max_message_bytes)
+    cfg = svc.cfg
+    channel = svc.channel(svc.args.router or cfg.router_address)
     nc = None
     try:
-        nc = await nats.connect(args.nats or cfg.nats_url, name="triton_front", max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.2)
+        nc = await svc.connect_nats("triton_front")
     except (nats.errors.Error, OSError):   # inference still works; load/unload will say why not
         log.warning("no NATS: repository load/unload disabled", exc_info=True)
     front = TritonFront(cfg, channel, nc)
-    srv = rpc.server(cfg.max_message_bytes)
+    ep = svc.grpc_server(["inference.GRPCInferenceService"], svc.args.port, grace_s=min(cfg.drain_grace_s, 10.0))
     # undecodable requests: INVALID_ARGUMENT, not UNKNOWN (common/rpc.py)
-    rpc.add_checked_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, front, srv, cfg.max_request_bytes)
-    hs = rpc.add_health_and_reflection(srv, ["inference.GRPCInferenceService"])
-    rpc.bind(srv, args.host or cfg.host, args.port)
-    await srv.start()
-    await rpc.set_serving(hs, ["inference.GRPCInferenceService"], True)
-    stop = proc.stop_on_signals()
-    await stop.wait()
-    await rpc.set_serving(hs, ["inference.GRPCInferenceService"], False)
-    await srv.stop(grace=min(cfg.drain_grace_s, 10.0))
-    await channel.close()
-    if nc is not None:
-        await nc.drain()
-    tracing.shutdown()
+    rpc.add_checked_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, front, ep.server,
+                             cfg.max_request_bytes)
+    await ep.start(True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Switchyard Triton-protocol front door (GRPCInferenceService)")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--host", default=None)
-    ap.add_argument("--router", default=None, help="router host:port (default: from the config)")
-    ap.add_argument("--nats", default=None)
-    ap.add_argument("--config", default=None)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s triton_front %(levelname)s %(message)s")
-    asyncio.run(serve(args))
+    from common.service_main import run_service
+    run_service("triton_front", start, description="Switchyard Triton-protocol front door (GRPCInferenceService)",
+                flags=("port", "host", "router", "nats"), required=("port",), argv=argv)
 
 
 if __name__ == "__main__":
