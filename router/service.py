@@ -287,7 +287,16 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             with tracing.span(tracing.ROUTER_ROUTE):
                 if v.adapter_id:   # registered but not advertised yet: wait for it (bounded)
                     await self.adapter_control.wait_served(v.model, v.adapter_id, context)
-                worker_id = await self._pick_worker(v.model, token_ids, v.adapter_id)
+                try:
+                    worker_id = await self._pick_worker(v.model, token_ids, v.adapter_id)
+                except RequestError as e:
+                    # The version chosen before tokenizing (which yields the event loop) may have been
+                    # swapped out meanwhile: choose again among the model's served versions.
+                    if e.code != grpc.StatusCode.UNAVAILABLE or self.pool_routing is None:
+                        raise
+                    worker_id = await self.pool_routing.reroute(v.model, token_ids, "", context, v.adapter_id)
+                    if worker_id is None:
+                        raise
         except RequestError as e:
             self.metrics.errors.labels(request.model, e.code.name).inc()
             await context.abort(e.code, e.message)
