@@ -125,7 +125,7 @@ class EngineCore:
                 req.times.first_token = now
             self.generation_tokens_total += 1
             detok = self._detok[req.request_id]
-            text, stop_hit = detok.add_tokens([tok])
+            text, stop_hit = detok.add_token(tok)
             status = self._finish_status(req, tok, stop_hit)
             if status is not None:
                 if not stop_hit:

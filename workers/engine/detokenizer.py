@@ -73,6 +73,16 @@ class IncrementalDetokenizer:
             self._pending += self._decode_step(final=False)
         return self._release(final=False)
 
+    def add_token(self, tid: int) -> tuple[str, bool]:
+        """add_tokens([tid]) without the list: the per-request, per-step call of EngineCore.process."""
+        if self._stopped:
+            return "", True
+        if self._finished:
+            return "", False
+        self._ids.append(tid)
+        self._pending += self._decode_step(final=False)
+        return self._release(final=False)
+
     def flush(self) -> str:
         """At finish without a stop hit: release held text (a trailing lone U+FFFD is dropped)."""
         if self._stopped or self._finished:
