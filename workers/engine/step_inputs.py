@@ -128,7 +128,6 @@ class PreparedStep:
     sample_seqs: list[tuple[str, SeqSlot]]
     sampling: SamplingTensors | None
     num_tokens: int
-    decode_rows: torch.Tensor | None    # [D] device rows of the decode segments (graphs copy these)
 
 
 class StepInputs:
@@ -177,8 +176,7 @@ class StepInputs:
         self.table.remove(row)
 
     # ---- the step ---------------------------------------------------------------------------
-    def prepare(self, work: list[tuple[str, SeqSlot, int]], want_sampling: bool = True,
-                prev_tokens: torch.Tensor | None = None) -> PreparedStep:
+    def prepare(self, work: list[tuple[str, SeqSlot, int]], prev_tokens: torch.Tensor | None = None) -> PreparedStep:
         """work: (request id, seq, tokens to compute) with prefill segments (n > 1) first, then
         decodes (n == 1). Advances each seq's num_computed.
 
@@ -237,7 +235,7 @@ class StepInputs:
         ints = [np.array(ids, dtype=_I64), positions, slots, ctx, rows, qsl, sample_idx]
         floats: list[np.ndarray] = []
         sp = None
-        if want_sampling and sample_seg:
+        if sample_seg:
             p = self._row_params
             sp = {k: v[srows] for k, v in p.items()}
             ints += [sp["top_k"], sp["seed"], np.array(steps_l, dtype=_I64)]
@@ -287,8 +285,7 @@ class StepInputs:
             # The CPU decode kernels take a [D, W] table of just the columns this batch needs.
             W = -(-max_dec // bs)
             meta.decode_block_tables = torch.from_numpy(self.table.np[rows[P:], :W])
-        return PreparedStep(ids_t, pos_t, meta, sidx_t, sample_seqs, samp, T,
-                            rows32[P:] if D else None)
+        return PreparedStep(ids_t, pos_t, meta, sidx_t, sample_seqs, samp, T)
 
     def _to_device(self, ints: list[np.ndarray], floats: list[np.ndarray]) -> list[torch.Tensor]:
         """CPU: zero-copy tensors over the arrays. CUDA: one pinned int64 buffer (floats as raw

@@ -124,7 +124,8 @@ def _kernels():
     return _decode_kernel, _store_kv_kernel
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): Triton block sizes."""
     return 1 << (max(int(x), 1) - 1).bit_length()
 
 
@@ -152,8 +153,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # tl.dot wrongly (triton 3.9), so there bf16 operands are upcast too.
     dot_f32 = k_cache.dtype == torch.float32 or (
         k_cache.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
-    BLOCK_H = max(16, _next_pow2(group))
-    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_H = max(16, next_pow2(group))
+    BLOCK_D = max(16, next_pow2(D))
     decode_kernel[(B, KVH)](
         q, k_cache, v_cache, out, block_tables, context_lens,
         seq_rows if seq_rows is not None else context_lens,
@@ -181,5 +182,5 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         KVH * D, D,
-        NUM_KV_HEADS=KVH, HEAD_DIM=D, BLOCK_H=_next_pow2(KVH), BLOCK_D=_next_pow2(D),
+        NUM_KV_HEADS=KVH, HEAD_DIM=D, BLOCK_H=next_pow2(KVH), BLOCK_D=next_pow2(D),
     )

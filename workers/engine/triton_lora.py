@@ -37,6 +37,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from workers.engine.triton_attention import next_pow2
+
 try:
     import triton
     import triton.language as tl
@@ -63,6 +65,13 @@ def interpreting() -> bool:
 
 if _HAVE_TRITON:
     @triton.jit
+    def _tile_entry(tab_ptr, tile):
+        """One row of the tile table: first row, end row, slot, rank, bitmask of targeted sub-projections."""
+        base = tab_ptr + tile * 5
+        return (tl.load(base), tl.load(base + 1), tl.load(base + 2).to(tl.int64), tl.load(base + 3),
+                tl.load(base + 4))
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr, a_ptr, p_ptr, tab_ptr,
         K, k_per_split,
@@ -73,11 +82,7 @@ if _HAVE_TRITON:
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         split = tl.program_id(2)
-        row0 = tl.load(tab_ptr + tile * 5)
-        row1 = tl.load(tab_ptr + tile * 5 + 1)
-        slot = tl.load(tab_ptr + tile * 5 + 2).to(tl.int64)
-        rank = tl.load(tab_ptr + tile * 5 + 3)
-        subs = tl.load(tab_ptr + tile * 5 + 4)
+        row0, row1, slot, rank, subs = _tile_entry(tab_ptr, tile)
 
         offs_m = row0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < row1
@@ -140,11 +145,7 @@ if _HAVE_TRITON:
     ):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        row0 = tl.load(tab_ptr + tile * 5)
-        row1 = tl.load(tab_ptr + tile * 5 + 1)
-        slot = tl.load(tab_ptr + tile * 5 + 2).to(tl.int64)
-        rank = tl.load(tab_ptr + tile * 5 + 3)
-        subs = tl.load(tab_ptr + tile * 5 + 4)
+        row0, row1, slot, rank, subs = _tile_entry(tab_ptr, tile)
 
         offs_m = row0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < row1
@@ -163,10 +164,6 @@ if _HAVE_TRITON:
         o_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :]
         o = tl.load(o_ptrs, mask=o_mask, other=0.0)
         tl.store(o_ptrs, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -193,7 +190,7 @@ def tile_rows(segments: Iterable[tuple[int, int, int, int, int]], block_m: int) 
 
 def shrink_blocks(n_cols: int) -> int:
     """Shrink column tile: the whole n_sub * r_max when it fits in 64 columns, else 64-column tiles."""
-    return max(16, min(64, _next_pow2(n_cols)))
+    return max(16, min(64, next_pow2(n_cols)))
 
 
 def pick_split_k(n_tiles: int, n_cols: int, k: int, target: int = SHRINK_TARGET_PROGRAMS) -> int:
@@ -272,7 +269,7 @@ def sgmv_expand(partial: torch.Tensor, b_stacks: Sequence[torch.Tensor], out: to
         partial, bs[0], bs[1], bs[2], out, tiles,
         n[0], n[1], n[2], splits,
         partial.stride(0), partial.stride(1), out.stride(0),
-        R=r_max, NSUB=nsub, BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=max(16, _next_pow2(r_max)),
+        R=r_max, NSUB=nsub, BLOCK_M=block_m, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=max(16, next_pow2(r_max)),
         DOT_F32=_dot_f32(b_stacks[0].dtype),
     )
 

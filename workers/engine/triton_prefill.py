@@ -27,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from workers.engine.triton_attention import next_pow2
+
 try:
     import triton
     import triton.language as tl
@@ -48,6 +50,43 @@ def available() -> bool:
 
 
 if _HAVE_TRITON:
+    @triton.jit
+    def _attend_tile(q, m_i, l_i, acc, start, hi, row_pos, k_ptr, v_ptr, bt_row, kvh,
+                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                     qk_scale, offs_n, d_mask, offs_d,
+                     BLOCK_SIZE: tl.constexpr, DOT_F32: tl.constexpr, MASKED: tl.constexpr):
+        """One key tile of the online softmax (keys start..start+BLOCK_N through the block table).
+        MASKED: the tile crosses the causal diagonal or the chunk's last key, so keys are masked per row."""
+        tok = start + offs_n
+        if MASKED:
+            n_mask = tok < hi                       # never past the causal limit (nor the block table's end)
+            blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
+            kv_mask = d_mask[None, :]
+        slot = (tok % BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if MASKED:
+            s = tl.where((tok[None, :] <= row_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT_F32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
     @triton.jit
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, rows_ptr, qsl_ptr, lens_ptr,
@@ -99,65 +138,20 @@ if _HAVE_TRITON:
         lo = ((prefix + tile_tok0 + 1) // BLOCK_N) * BLOCK_N
 
         for start in range(0, lo, BLOCK_N):
-            tok = start + offs_n
-            blk = tl.load(bt_row + tok // BLOCK_SIZE).to(tl.int64)
-            slot = (tok % BLOCK_SIZE).to(tl.int64)
-            k = tl.load(k_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-                        + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                        + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-            if DOT_F32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, row_pos, k_ptr, v_ptr, bt_row, kvh,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                         qk_scale, offs_n, d_mask, offs_d, BLOCK_SIZE, DOT_F32, False)
 
         # Tiles across the diagonal. No row is left with only masked keys and m_i == -inf (which would
         # make alpha NaN): if lo == 0 every row sees key 0 in the first tile, else loop 1 ran.
         for start in range(lo, hi, BLOCK_N):
-            tok = start + offs_n
-            n_mask = tok < hi                       # never past the causal limit (nor the block table's end)
-            blk = tl.load(bt_row + tok // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            slot = (tok % BLOCK_SIZE).to(tl.int64)
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            if DOT_F32:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale
-            s = tl.where((tok[None, :] <= row_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, start, hi, row_pos, k_ptr, v_ptr, bt_row, kvh,
+                                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                         qk_scale, offs_n, d_mask, offs_d, BLOCK_SIZE, DOT_F32, True)
 
         out = acc / l_i[:, None]
         o_off = (q_start + row_tok).to(tl.int64)[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
 
 
 def _check_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None) -> None:
@@ -201,8 +195,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         bm, bn = block_m or 16, block_n or 16
     else:
         bm, bn = block_m or 64, block_n or (64 if D <= 128 else 32)
-    BLOCK_M = max(bm, 16, _next_pow2(group))       # tl.dot wants >= 16 rows; at least one token per tile
-    BLOCK_D = max(16, _next_pow2(D))               # head dims like 48 or 80 are padded and masked
+    BLOCK_M = max(bm, 16, next_pow2(group))       # tl.dot wants >= 16 rows; at least one token per tile
+    BLOCK_D = max(16, next_pow2(D))               # head dims like 48 or 80 are padded and masked
     while triton.cdiv(int(max_query_len), BLOCK_M // group) > 65535:   # CUDA's grid y limit (huge GQA groups)
         BLOCK_M *= 2
     tokens = BLOCK_M // group
