@@ -35,7 +35,7 @@ KV_EVENT_KIND_REMOVED: KvEventKind
 KV_EVENT_KIND_CLEARED: KvEventKind
 
 class BatchRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms", "prompt_text")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms", "prompt_text", "tenant", "tenant_weight", "service_class")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,9 @@ class BatchRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -54,7 +57,10 @@ class BatchRequest(_message.Message):
     traceparent: str
     deadline_unix_ms: int
     prompt_text: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+    tenant: str
+    tenant_weight: float
+    service_class: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., prompt_text: _Optional[str] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "error", "error_message", "retry_after_ms", "error_field")
