@@ -108,6 +108,11 @@ class StackConfig:
     pool_load_wait_s: float = 180.0      # a request for an unloaded model waits this long (or its deadline)
     admin_tokens: list | None = None     # `authorization: Bearer <t>` for Admin/LoadModel, UnloadModel
     tokens: list | None = None           # non-admin tokens (PERMISSION_DENIED on admin calls)
+    # -- faults (issue 16): liveness, migration, admission
+    # -- tenants, quotas, fair shares, service classes (issue 17)
+    # -- TLS and NATS credentials (issue 17)
+    # -- deployment profiles and defaults from the machine (issue 19)
+    # -- bulk jobs, embeddings, the OpenAI-compatible HTTP front door (issue 20)
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):   # StackConfig(**json.load(f)): the [engine] table as a dict

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -137,26 +138,27 @@ def cmd_trace(args) -> int:
     return breakdown_main([args.path] + (["--json"] if args.json else []))
 
 
+# `switchyard bench <what>`: the module whose main(argv) runs it (imported only when chosen).
+BENCHES = {
+    "overhead": "bench.overhead",
+    "engine": "bench.engine_bench",
+    "tracing": "bench.tracing_overhead",
+    "serve": "bench.serve",
+    "compare": "bench.compare",
+    "triton": "bench.triton_overhead",
+    "pool": "bench.pool_bench",
+    "lora": "bench.lora_bench",
+    "step": "bench.step_bench",
+}
+
+# Commands whose options are their module's own parser: `switchyard <cmd> [...]` -> main(argv).
+PASS_THROUGH = {
+    "eval": "bench.eval",
+}
+
+
 def cmd_bench(args, rest: list[str]) -> int:
-    if args.what == "overhead":
-        from bench.overhead import main as bench_main
-    elif args.what == "triton":
-        from bench.triton_overhead import main as bench_main
-    elif args.what == "tracing":
-        from bench.tracing_overhead import main as bench_main
-    elif args.what == "serve":
-        from bench.serve import main as bench_main
-    elif args.what == "pool":
-        from bench.pool_bench import main as bench_main
-    elif args.what == "compare":
-        from bench.compare import main as bench_main
-    elif args.what == "lora":
-        from bench.lora_bench import main as bench_main
-    elif args.what == "step":
-        from bench.step_bench import main as bench_main
-    else:
-        from bench.engine_bench import main as bench_main  # written beside the engine; imported lazily
-    return bench_main(rest) or 0
+    return importlib.import_module(BENCHES[args.what]).main(rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: overhead (platform vs bare engine), engine, tracing, "
                                      "serve (load test: latency percentiles, goodput, cost), compare, "
                                      "step (host ms per engine step, forward a no-op)")
-    b.add_argument("what", choices=["overhead", "engine", "tracing", "serve", "compare", "triton", "pool", "lora",
-                                    "step"])
+    b.add_argument("what", choices=list(BENCHES))
     # `switchyard eval [...]`: its options are bench/eval.py's own parser (dispatched in main)
     sub.add_parser("eval", add_help=False, help="accuracy on the fixed eval set, and answers changed vs the baseline "
                                                 "(--inproc | --router ADDR, --subset N, --matrix, --write-baseline)")
@@ -256,9 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         # Everything after `bench <what>` belongs to the benchmark's own parser.
         args, rest = ap.parse_known_args(argv[:2])
         return cmd_bench(args, argv[2:])
-    if argv[:1] == ["eval"]:
-        from bench.eval import main as eval_main
-        return eval_main(argv[1:]) or 0
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:]) or 0
     args = ap.parse_args(argv)
     if args.cmd in ("models", "admin", "adapters"):
         return args.func(args)
