@@ -26,7 +26,7 @@ from protos.switchyard.v1 import common_pb2 as protos_dot_switchyard_dot_v1_dot_
 from protos.switchyard.v1 import kv_index_pb2 as protos_dot_switchyard_dot_v1_dot_kv__index__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/switchyard/v1/inference.proto\x12\rswitchyard.v1\x1a!protos/switchyard/v1/common.proto\x1a#protos/switchyard/v1/kv_index.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.switchyard.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x15\n\rservice_class\x18\n \x01(\t\"\xc5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x11\n\tworker_id\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"\xf8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x08 \x01(\r\x12\x13\n\x0bqueue_depth\x18\t \x01(\r\x12\x0f\n\x07workers\x18\n \x03(\t\x12\x11\n\tmemory_gb\x18\x0b \x01(\x01\x12\x18\n\x10gpu_usd_per_hour\x18\x0c \x01(\x01\x12\x0e\n\x06source\x18\r \x01(\t\x12\x30\n\x0creplica_info\x18\x0e \x03(\x0b\x32\x1a.switchyard.v1.ReplicaInfo\x12\x14\n\x0cmin_replicas\x18\x0f \x01(\r\x12\x14\n\x0cmax_replicas\x18\x10 \x01(\r\x12\x0e\n\x06idle_s\x18\x11 \x01(\x01\"x\n\x0bReplicaInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\"a\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"^\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.ModelInfo\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x65victed\x18\x03 \x03(\t\"0\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"O\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.ModelInfo\x12\x0f\n\x07message\x18\x02 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo\"^\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.switchyard.v1.ChatMessage\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"t\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x0f\n\x07workers\x18\x06 \x03(\t\"Z\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"u\n\x13LoadAdapterResponse\x12+\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.AdapterInfo\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x0f\n\x07host_mb\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"=\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"9\n\x15UnloadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\")\n\x13ListAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.switchyard.v1.AdapterInfo2\xd3\x02\n\tInference\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .switchyard.v1.ListModelsRequest\x1a!.switchyard.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.switchyard.v1.TokenizeRequest\x1a\x1f.switchyard.v1.TokenizeResponse\x12W\n\x0cListAdapters\x12\".switchyard.v1.ListAdaptersRequest\x1a#.switchyard.v1.ListAdaptersResponse2\xa6\x03\n\x05\x41\x64min\x12\x45\n\x06Status\x12\x1c.switchyard.v1.StatusRequest\x1a\x1d.switchyard.v1.StatusResponse\x12N\n\tLoadModel\x12\x1f.switchyard.v1.LoadModelRequest\x1a .switchyard.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.switchyard.v1.UnloadModelRequest\x1a\".switchyard.v1.UnloadModelResponse\x12T\n\x0bLoadAdapter\x12!.switchyard.v1.LoadAdapterRequest\x1a\".switchyard.v1.LoadAdapterResponse\x12Z\n\rUnloadAdapter\x12#.switchyard.v1.UnloadAdapterRequest\x1a$.switchyard.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/switchyard/v1/inference.proto\x12\rswitchyard.v1\x1a!protos/switchyard/v1/common.proto\x1a#protos/switchyard/v1/kv_index.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x86\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.switchyard.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nadapter_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x15\n\rservice_class\x18\n \x01(\t\"\xc5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.switchyard.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.switchyard.v1.Usage\x12\x11\n\tworker_id\x18\x07 \x01(\t\"W\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rservice_class\x18\x04 \x01(\t\"<\n\x0b\x45mbedVector\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"r\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.switchyard.v1.EmbedVector\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x11\n\tworker_id\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"\xf8\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0bnum_workers\x18\x03 \x01(\r\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x06 \x03(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\x12\x18\n\x10\x64\x65sired_replicas\x18\x08 \x01(\r\x12\x13\n\x0bqueue_depth\x18\t \x01(\r\x12\x0f\n\x07workers\x18\n \x03(\t\x12\x11\n\tmemory_gb\x18\x0b \x01(\x01\x12\x18\n\x10gpu_usd_per_hour\x18\x0c \x01(\x01\x12\x0e\n\x06source\x18\r \x01(\t\x12\x30\n\x0creplica_info\x18\x0e \x03(\x0b\x32\x1a.switchyard.v1.ReplicaInfo\x12\x14\n\x0cmin_replicas\x18\x0f \x01(\r\x12\x14\n\x0cmax_replicas\x18\x10 \x01(\r\x12\x0e\n\x06idle_s\x18\x11 \x01(\x01\"x\n\x0bReplicaInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04slot\x18\x05 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\r\"a\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"^\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.ModelInfo\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x65victed\x18\x03 \x03(\t\"0\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"O\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.switchyard.v1.ModelInfo\x12\x0f\n\x07message\x18\x02 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.switchyard.v1.ModelInfo\"^\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.switchyard.v1.ChatMessage\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"t\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x0f\n\x07workers\x18\x06 \x03(\t\"Z\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"u\n\x13LoadAdapterResponse\x12+\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1a.switchyard.v1.AdapterInfo\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x0f\n\x07host_mb\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\"=\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"9\n\x15UnloadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\")\n\x13ListAdaptersRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.switchyard.v1.AdapterInfo2\x97\x03\n\tInference\x12M\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1f.switchyard.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .switchyard.v1.ListModelsRequest\x1a!.switchyard.v1.ListModelsResponse\x12K\n\x08Tokenize\x12\x1e.switchyard.v1.TokenizeRequest\x1a\x1f.switchyard.v1.TokenizeResponse\x12W\n\x0cListAdapters\x12\".switchyard.v1.ListAdaptersRequest\x1a#.switchyard.v1.ListAdaptersResponse\x12\x42\n\x05\x45mbed\x12\x1b.switchyard.v1.EmbedRequest\x1a\x1c.switchyard.v1.EmbedResponse2\xa6\x03\n\x05\x41\x64min\x12\x45\n\x06Status\x12\x1c.switchyard.v1.StatusRequest\x1a\x1d.switchyard.v1.StatusResponse\x12N\n\tLoadModel\x12\x1f.switchyard.v1.LoadModelRequest\x1a .switchyard.v1.LoadModelResponse\x12T\n\x0bUnloadModel\x12!.switchyard.v1.UnloadModelRequest\x1a\".switchyard.v1.UnloadModelResponse\x12T\n\x0bLoadAdapter\x12!.switchyard.v1.LoadAdapterRequest\x1a\".switchyard.v1.LoadAdapterResponse\x12Z\n\rUnloadAdapter\x12#.switchyard.v1.UnloadAdapterRequest\x1a$.switchyard.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,42 +39,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=436
   _globals['_GENERATERESPONSE']._serialized_start=439
   _globals['_GENERATERESPONSE']._serialized_end=636
-  _globals['_LISTMODELSREQUEST']._serialized_start=638
-  _globals['_LISTMODELSREQUEST']._serialized_end=657
-  _globals['_MODELINFO']._serialized_start=660
-  _globals['_MODELINFO']._serialized_end=1036
-  _globals['_REPLICAINFO']._serialized_start=1038
-  _globals['_REPLICAINFO']._serialized_end=1158
-  _globals['_LOADMODELREQUEST']._serialized_start=1160
-  _globals['_LOADMODELREQUEST']._serialized_end=1257
-  _globals['_LOADMODELRESPONSE']._serialized_start=1259
-  _globals['_LOADMODELRESPONSE']._serialized_end=1353
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1355
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1403
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1405
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1484
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1486
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1548
-  _globals['_TOKENIZEREQUEST']._serialized_start=1550
-  _globals['_TOKENIZEREQUEST']._serialized_end=1644
-  _globals['_TOKENIZERESPONSE']._serialized_start=1646
-  _globals['_TOKENIZERESPONSE']._serialized_end=1698
-  _globals['_ADAPTERINFO']._serialized_start=1700
-  _globals['_ADAPTERINFO']._serialized_end=1816
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1818
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1908
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1910
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2027
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2029
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2090
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2092
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2149
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2151
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2192
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2194
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2262
-  _globals['_INFERENCE']._serialized_start=2265
-  _globals['_INFERENCE']._serialized_end=2604
-  _globals['_ADMIN']._serialized_start=2607
-  _globals['_ADMIN']._serialized_end=3029
+  _globals['_EMBEDREQUEST']._serialized_start=638
+  _globals['_EMBEDREQUEST']._serialized_end=725
+  _globals['_EMBEDVECTOR']._serialized_start=727
+  _globals['_EMBEDVECTOR']._serialized_end=787
+  _globals['_EMBEDRESPONSE']._serialized_start=789
+  _globals['_EMBEDRESPONSE']._serialized_end=903
+  _globals['_LISTMODELSREQUEST']._serialized_start=905
+  _globals['_LISTMODELSREQUEST']._serialized_end=924
+  _globals['_MODELINFO']._serialized_start=927
+  _globals['_MODELINFO']._serialized_end=1303
+  _globals['_REPLICAINFO']._serialized_start=1305
+  _globals['_REPLICAINFO']._serialized_end=1425
+  _globals['_LOADMODELREQUEST']._serialized_start=1427
+  _globals['_LOADMODELREQUEST']._serialized_end=1524
+  _globals['_LOADMODELRESPONSE']._serialized_start=1526
+  _globals['_LOADMODELRESPONSE']._serialized_end=1620
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1622
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1670
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1672
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1751
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1753
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1815
+  _globals['_TOKENIZEREQUEST']._serialized_start=1817
+  _globals['_TOKENIZEREQUEST']._serialized_end=1911
+  _globals['_TOKENIZERESPONSE']._serialized_start=1913
+  _globals['_TOKENIZERESPONSE']._serialized_end=1965
+  _globals['_ADAPTERINFO']._serialized_start=1967
+  _globals['_ADAPTERINFO']._serialized_end=2083
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2085
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2175
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2177
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2294
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2296
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2357
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2359
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2416
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2418
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2459
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2461
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2529
+  _globals['_INFERENCE']._serialized_start=2532
+  _globals['_INFERENCE']._serialized_end=2939
+  _globals['_ADMIN']._serialized_start=2942
+  _globals['_ADMIN']._serialized_end=3364
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,11 @@ class InferenceStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/switchyard.v1.Inference/Embed',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -87,6 +92,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One vector per text, from a model of kind "embedding" (texts batched by the batcher).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Inference:
             '/switchyard.v1.Inference/ListAdapters',
             protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Inference/Embed',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
