@@ -172,7 +172,9 @@ def build_parser(description: str, flags: Sequence[str], required: Sequence[str]
             spec["required"] = True
             spec["help"] = spec["help"].split(" (default")[0].split("; default")[0]
         ap.add_argument(f"--{name}", **spec)
-    ap.add_argument("--config", default=None, help="stack config file, TOML or JSON (common/config.py)")
+    # SWITCHYARD_CONFIG: how containers (docker-compose.yml, deploy/) name the file without a flag.
+    ap.add_argument("--config", default=os.environ.get("SWITCHYARD_CONFIG") or None,
+                    help="stack config file, TOML or JSON (common/config.py); default: $SWITCHYARD_CONFIG")
     ap.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     return ap
 
