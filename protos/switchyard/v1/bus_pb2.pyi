@@ -16,6 +16,7 @@ class ChunkError(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHUNK_ERROR_UNAVAILABLE: _ClassVar[ChunkError]
     CHUNK_ERROR_INTERNAL: _ClassVar[ChunkError]
     CHUNK_ERROR_NOT_FOUND: _ClassVar[ChunkError]
+    CHUNK_ERROR_DEADLINE: _ClassVar[ChunkError]
 
 class KvEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,13 +30,14 @@ CHUNK_ERROR_INVALID: ChunkError
 CHUNK_ERROR_UNAVAILABLE: ChunkError
 CHUNK_ERROR_INTERNAL: ChunkError
 CHUNK_ERROR_NOT_FOUND: ChunkError
+CHUNK_ERROR_DEADLINE: ChunkError
 KV_EVENT_KIND_UNSPECIFIED: KvEventKind
 KV_EVENT_KIND_STORED: KvEventKind
 KV_EVENT_KIND_REMOVED: KvEventKind
 KV_EVENT_KIND_CLEARED: KvEventKind
 
 class BatchRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms", "prompt_text", "tenant", "tenant_weight", "service_class")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "priority", "adapter_id", "reply_subject", "traceparent", "deadline_unix_ms", "prompt_text", "tenant", "tenant_weight", "service_class", "resume_token_ids", "attempt", "embed_lengths", "embed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +50,10 @@ class BatchRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TENANT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SERVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    EMBED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -60,10 +66,14 @@ class BatchRequest(_message.Message):
     tenant: str
     tenant_weight: float
     service_class: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., prompt_text: _Optional[str] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[float] = ..., service_class: _Optional[str] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    attempt: int
+    embed_lengths: _containers.RepeatedScalarFieldContainer[int]
+    embed: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., adapter_id: _Optional[str] = ..., reply_subject: _Optional[str] = ..., traceparent: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., prompt_text: _Optional[str] = ..., tenant: _Optional[str] = ..., tenant_weight: _Optional[float] = ..., service_class: _Optional[str] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., attempt: _Optional[int] = ..., embed_lengths: _Optional[_Iterable[int]] = ..., embed: _Optional[bool] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "error", "error_message", "retry_after_ms", "error_field")
+    __slots__ = ("request_id", "token_ids", "text", "logprobs", "finish_reason", "usage", "error", "error_message", "retry_after_ms", "error_field", "attempt", "error_reason", "embed_vectors", "embed_dim")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +84,10 @@ class TokenChunk(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    EMBED_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_DIM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -84,18 +98,24 @@ class TokenChunk(_message.Message):
     error_message: str
     retry_after_ms: int
     error_field: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., error: _Optional[_Union[ChunkError, str]] = ..., error_message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., error_field: _Optional[str] = ...) -> None: ...
+    attempt: int
+    error_reason: str
+    embed_vectors: bytes
+    embed_dim: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., error: _Optional[_Union[ChunkError, str]] = ..., error_message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., error_field: _Optional[str] = ..., attempt: _Optional[int] = ..., error_reason: _Optional[str] = ..., embed_vectors: _Optional[bytes] = ..., embed_dim: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
-    __slots__ = ("request_id", "reason")
+    __slots__ = ("request_id", "reason", "worker_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms", "adapters")
+    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms", "adapters", "unhealthy_reason", "model_kind")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +134,8 @@ class Heartbeat(_message.Message):
     GENERATION_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     healthy: bool
@@ -132,7 +154,9 @@ class Heartbeat(_message.Message):
     generation_tokens_total: int
     interval_ms: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    unhealthy_reason: str
+    model_kind: str
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., unhealthy_reason: _Optional[str] = ..., model_kind: _Optional[str] = ...) -> None: ...
 
 class KvEvent(_message.Message):
     __slots__ = ("kind", "block_hashes", "parent_hash", "token_ids", "adapter_id", "block_size")

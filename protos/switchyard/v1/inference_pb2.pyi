@@ -281,3 +281,56 @@ class ListAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class TenantUsageRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class TenantUsageRow(_message.Message):
+    __slots__ = ("tenant", "weight", "requests", "prompt_tokens", "completion_tokens", "rejections", "queue_seconds_mean", "gpu_usd", "api_usd", "open_streams", "tokens_per_minute", "max_streams")
+    class RejectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    GPU_USD_FIELD_NUMBER: _ClassVar[int]
+    API_USD_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    weight: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    rejections: _containers.ScalarMap[str, int]
+    queue_seconds_mean: float
+    gpu_usd: float
+    api_usd: float
+    open_streams: int
+    tokens_per_minute: int
+    max_streams: int
+    def __init__(self, tenant: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., rejections: _Optional[_Mapping[str, int]] = ..., queue_seconds_mean: _Optional[float] = ..., gpu_usd: _Optional[float] = ..., api_usd: _Optional[float] = ..., open_streams: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
+
+class TenantUsageResponse(_message.Message):
+    __slots__ = ("tenants", "window_s", "router_id", "auth")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsageRow]
+    window_s: int
+    router_id: str
+    auth: str
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantUsageRow, _Mapping]]] = ..., window_s: _Optional[int] = ..., router_id: _Optional[str] = ..., auth: _Optional[str] = ...) -> None: ...

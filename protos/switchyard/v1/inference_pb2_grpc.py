@@ -309,6 +309,11 @@ class AdminStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.TenantUsage = channel.unary_unary(
+                '/switchyard.v1.Admin/TenantUsage',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -347,6 +352,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TenantUsage(self, request, context):
+        """Per-tenant usage over the last hour on this router (router/tenancy.py): an admin token (or anyone
+        with auth off) sees every tenant, a tenant token its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -374,6 +387,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'TenantUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.TenantUsage,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -512,6 +530,33 @@ class Admin:
             '/switchyard.v1.Admin/UnloadAdapter',
             protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TenantUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Admin/TenantUsage',
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_inference__pb2.TenantUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,3 +108,21 @@ class WorkerAdapterReply(_message.Message):
     adapters: _containers.RepeatedScalarFieldContainer[str]
     host_bytes: int
     def __init__(self, adapters: _Optional[_Iterable[str]] = ..., host_bytes: _Optional[int] = ...) -> None: ...
+
+class EmbedBatchRequest(_message.Message):
+    __slots__ = ("token_ids", "lengths")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbedBatchReply(_message.Message):
+    __slots__ = ("vectors", "dim", "execute_ms")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    vectors: bytes
+    dim: int
+    execute_ms: float
+    def __init__(self, vectors: _Optional[bytes] = ..., dim: _Optional[int] = ..., execute_ms: _Optional[float] = ...) -> None: ...

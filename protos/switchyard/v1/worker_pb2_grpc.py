@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
                 response_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
                 _registered_method=True)
+        self.EmbedBatch = channel.unary_unary(
+                '/switchyard.v1.Worker/EmbedBatch',
+                request_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -87,6 +92,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedBatch(self, request, context):
+        """Embedding workers (workers/embedding_service.py): one packed forward over many texts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.FromString,
                     response_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.SerializeToString,
+            ),
+            'EmbedBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedBatch,
+                    request_deserializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchRequest.FromString,
+                    response_serializer=protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Worker:
             '/switchyard.v1.Worker/UnloadAdapter',
             protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterRequest.SerializeToString,
             protos_dot_switchyard_dot_v1_dot_worker__pb2.WorkerAdapterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/EmbedBatch',
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchRequest.SerializeToString,
+            protos_dot_switchyard_dot_v1_dot_worker__pb2.EmbedBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
