@@ -78,8 +78,16 @@ class EngineCore:
 
     # ---- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
-                    *, priority: int = 0, adapter_id: str | None = None) -> None:
-        """Validate and queue; raises InvalidRequestError or QueueFullError, queueing nothing."""
+                    *, priority: int = 0, adapter_id: str | None = None,
+                    resume_token_ids: list[int] | None = None, tenant: str = "", tenant_weight: float = 0.0,
+                    service_class: str = "", deadline_unix_ms: int = 0) -> None:
+        """Validate and queue; raises InvalidRequestError or QueueFullError, queueing nothing.
+
+        `resume_token_ids`: a migrated request's tokens already streamed by another replica. They
+        become its first output tokens (as after a recompute preemption: prompt + them is one
+        prefill), so max_tokens, the context limit, penalties, the sampler's (seed, position) draw
+        and the detokenizer (fed them silently, its stop-string hold included) continue where the
+        other replica stopped: the next chunk joins the text the client has without a seam."""
         sampling.validate()
         if not prompt_token_ids:
             raise InvalidRequestError("prompt", "must not be empty")
@@ -92,12 +100,21 @@ class EngineCore:
             raise InvalidRequestError(
                 "prompt", f"{len(prompt_token_ids)} tokens leaves no room to generate within the "
                 f"context of {max_len} tokens; shorten it to at most {max_len - 1}")
+        resumed = list(resume_token_ids or ())
+        if resumed and (len(resumed) >= sampling.max_tokens or len(prompt_token_ids) + len(resumed) >= max_len):
+            raise InvalidRequestError(
+                "resume_token_ids", f"{len(resumed)} tokens already generated leave nothing to generate "
+                f"(max_tokens {sampling.max_tokens}, context {max_len})")
         seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
-                      sampling=sampling, seed=seed, priority=priority, adapter_id=adapter_id)
+                      sampling=sampling, seed=seed, priority=priority, adapter_id=adapter_id,
+                      output_token_ids=resumed, tenant=tenant, tenant_weight=tenant_weight,
+                      service_class=service_class, deadline_unix_ms=deadline_unix_ms)
         self.scheduler.add(req)  # may raise QueueFullError before anything is kept
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
-                                                         stop=list(sampling.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, stop=list(sampling.stop))
+        for tok in resumed:   # the text of these is out already: bring the state up to it, emit nothing
+            detok.add_token(tok)
+        self._detok[request_id] = detok
         self.prompt_tokens_total += len(prompt_token_ids)
 
     def abort(self, request_id: str) -> bool:
@@ -117,6 +134,7 @@ class EngineCore:
 
     def process(self, result: StepResult) -> list[RequestOutput]:
         self.steps_total += 1
+        self.scheduler.observe_step(result.step_id, result.execute_ms / 1000)   # the wait predictor's rates
         sampled = self.scheduler.update(result.request_ids, result.token_ids, result.logprobs)
         now = time.perf_counter()
         outputs: list[RequestOutput] = []

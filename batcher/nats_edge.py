@@ -13,7 +13,11 @@ control, and its share of the heartbeat.
   An admitted request is a *stream* (`streams`: request id -> reply subject) until the host
   `end`s it, after publishing its last chunk.
 * `sy.cancel.<id>`: every batcher hears every cancel; the one holding the stream calls
-  `host.cancel`, which returns a future resolved once the cancel has been applied.
+  `host.cancel`, which returns a future resolved once the cancel has been applied. A cancel naming a
+  worker (`Cancel.worker_id`: the router moved the stream away from it) is for that batcher only, so
+  the replica the stream moved to keeps it.
+* Error chunks carry `error_reason` (worker_lost, worker_hung, deadline, draining, ...) and the
+  request's `attempt`: the router migrates on some reasons, and drops chunks of a replaced attempt.
 * `sy.ctl.<worker>`: ModelControl -> `host.control` -> ModelControlReply on the message's reply
   subject. A host may answer with a future (an adapter unload waits for requests): the reply is
   sent when it resolves, and later control messages do not queue behind it.
@@ -30,6 +34,7 @@ import time
 from typing import Protocol
 
 import nats.errors
+from google.protobuf.message import DecodeError
 
 from common import subjects
 from common.waiting import Pulse, wait_set
@@ -149,22 +154,23 @@ class NatsEdge:
         return reply
 
     async def fail(self, request_id: str, error: int, message: str, *, reason: str = "", retry_after_ms: int = 0,
-                   field: str = "") -> None:
+                   field: str = "", attempt: int = 0) -> None:
         """Answer an admitted request with an error chunk and end its stream."""
         reply = self.end(request_id)
         if reply is not None:
             await self.reject(reply, request_id, error, message, reason=reason, retry_after_ms=retry_after_ms,
-                              field=field)
+                              field=field, attempt=attempt)
 
     async def reject(self, reply: str, request_id: str, error: int, message: str, *, retry_after_ms: int = 0,
-                     field: str = "", reason: str = "", span=None) -> None:
+                     field: str = "", reason: str = "", span=None, attempt: int = 0) -> None:
         reason = reason or REJECT_REASONS.get(error, "internal")
         if self.metrics is not None:
             self.metrics.reject(reason)
         if span is not None and self.spans is not None:
             self.spans.rejected(span, reason, message)
         chunk = bus_pb2.TokenChunk(request_id=request_id, error=error, error_message=message,
-                                   retry_after_ms=retry_after_ms, error_field=field)
+                                   retry_after_ms=retry_after_ms, error_field=field, error_reason=reason,
+                                   attempt=attempt)
         await self.nc.publish(reply, chunk.SerializeToString())
 
     # ---- NATS callbacks --------------------------------------------------------------------------
@@ -177,17 +183,18 @@ class NatsEdge:
         if self.draining or self.unloaded or not host.healthy:
             why = "draining" if self.draining else "unloaded" if self.unloaded else host.unavailable_reason()
             await self.reject(reply, rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE, f"worker {self.worker_id} is {why}; retry",
-                              span=span)
+                              span=span, attempt=req.attempt)
             return
         if req.deadline_unix_ms and req.deadline_unix_ms <= time.time() * 1000:
             await self.reject(reply, rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "deadline already passed",
-                              reason="deadline", span=span)
+                              reason="deadline", span=span, attempt=req.attempt)
             return
         try:
             host.admit(req, reply)
         except EngineError as e:
             error = CHUNK_ERROR.get(e.code, bus_pb2.CHUNK_ERROR_INTERNAL)
-            await self.reject(reply, rid, error, str(e), retry_after_ms=e.retry_after_ms, field=e.field, span=span)
+            await self.reject(reply, rid, error, str(e), retry_after_ms=e.retry_after_ms, field=e.field, span=span,
+                              attempt=req.attempt)
             return
         self.streams[rid] = reply
         if span is not None:
@@ -196,6 +203,13 @@ class NatsEdge:
     async def _on_cancel(self, msg) -> None:
         rid = subjects.last_token(msg.subject)
         if rid in self.streams:   # every batcher hears every cancel; only the owner acts
+            if msg.data:
+                try:
+                    target = bus_pb2.Cancel.FromString(msg.data).worker_id
+                except DecodeError:
+                    target = ""
+                if target and target != self.worker_id:
+                    return   # the stream moved here from that worker: the cancel is for the old copy
             self.host.cancel(rid)
 
     async def _on_control(self, msg) -> None:

@@ -13,7 +13,9 @@ resolves when it has been applied. When there is no work the loop sleeps on an e
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from batcher.adapters import BatcherAdapters
 from batcher.admission_window import AdmissionWindow
 from batcher.engine_core import EngineCore, RequestOutput, build_engine_core
+from batcher.liveness import EXIT_WORKER_HUNG, HUNG_GRACE_S, StepWatch
 from batcher.nats_edge import NatsEdge
 from batcher.step_timing import StepTimer
 from common import rpc, subjects
@@ -141,6 +144,15 @@ class BatcherService:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._timer = StepTimer()
+        # liveness: a step past its budget means a hung worker (batcher/liveness.py)
+        self._watch = StepWatch(self._timer, cfg.step_timeout_factor, cfg.step_timeout_floor_s,
+                                cfg.step_timeout_cold_s)
+        self.unhealthy_reason = ""
+        # called once a hung worker's streams are failed: the process exits so the launcher restarts
+        # the pair (the worker cannot be trusted to come back, and its Step call cannot be ended)
+        self.on_hung = lambda: os._exit(EXIT_WORKER_HUNG)
+        self._attempts: dict[str, int] = {}          # request id -> BatchRequest.attempt, when not 0
+        self._deadlines: list[tuple[float, str]] = []   # (deadline unix ms, request id), a heap
         self._window = AdmissionWindow(cfg.admission_window_ms / 1000)
         self._tasks: list[asyncio.Task] = []
         self._tokenizer = None
@@ -206,6 +218,7 @@ class BatcherService:
         self.core = build_engine_core(self.cfg.engine, num_blocks=info.num_blocks, block_size=info.block_size,
                                       max_model_len=info.max_model_len, runner=None, tokenizer=self._tokenizer)
         self.core.adapter_check = self.adapters.check
+        self.core.scheduler.max_queue_delay_s = self.cfg.max_queue_delay_ms / 1000   # honest admission
         self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
         self._kv_events.append(KvEvent(CLEARED, [], block_size=info.block_size))
@@ -246,8 +259,18 @@ class BatcherService:
         if core is None:   # the edge admits only while healthy, and a lost worker clears both
             raise RuntimeError(f"worker {self.worker_id}: admit without an engine core")
         core.add_request(req.request_id, list(req.prompt_token_ids), sampling_from_proto(req.sampling),
-                         priority=req.priority, adapter_id=req.adapter_id or None)
+                         priority=req.priority, adapter_id=req.adapter_id or None,
+                         resume_token_ids=list(req.resume_token_ids) or None, tenant=req.tenant,
+                         tenant_weight=req.tenant_weight, service_class=req.service_class,
+                         deadline_unix_ms=req.deadline_unix_ms)
         self._priority[req.request_id] = req.priority
+        if req.attempt:
+            self._attempts[req.request_id] = req.attempt
+        if req.deadline_unix_ms:
+            heapq.heappush(self._deadlines, (req.deadline_unix_ms, req.request_id))
+            # wake the loop when it passes, should it be waiting for work then
+            asyncio.get_running_loop().call_later(max(0.0, req.deadline_unix_ms / 1000 - time.time()) + 0.01,
+                                                  self._wake.set)
         self._wake.set()
 
     def cancel(self, request_id: str) -> asyncio.Future:
@@ -290,6 +313,12 @@ class BatcherService:
                 chunks = []
                 await self._reconnect()
                 continue
+            for req in core.scheduler.expired_waiting():   # still queued at its deadline (batcher/scheduler.py)
+                await self.edge.fail(req.request_id, bus_pb2.CHUNK_ERROR_DEADLINE, "deadline passed while queued",
+                                     reason="deadline", attempt=self._attempts.get(req.request_id, 0))
+                self.cancel(req.request_id)   # _apply_aborts below frees it like any cancel
+            if self._deadlines:
+                await self._expire_deadlines()
             self._apply_aborts()
             if not inflight:
                 # Nothing queued at the worker (a step whose shape the timer could not predict, e.g.
@@ -332,7 +361,16 @@ class BatcherService:
                             if not (plan.is_empty and not plan.finished_ids):
                                 await self._send(plan, inflight)
             try:
-                result = await reading
+                head = inflight[0]
+                left = head.started + self._watch.budget_s(head.plan.num_tokens) - time.perf_counter()
+                if not reading.done():
+                    await asyncio.wait({reading}, timeout=max(0.0, left))
+                if not reading.done():   # a result already on its way (this process was stopped) gets a moment
+                    await asyncio.wait({reading}, timeout=HUNG_GRACE_S)
+                if not reading.done():
+                    await self._on_worker_hung(head, time.perf_counter() - head.started)
+                    return
+                result = reading.result()
             except WorkerLostError as e:
                 reading = None
                 inflight.clear()
@@ -344,6 +382,7 @@ class BatcherService:
             if inflight:   # the queued plan started when this result left the worker
                 inflight[0].started = now
             self._timer.observe(head.plan.num_tokens, result.execute_ms / 1000)
+            self._watch.observe(head.plan.num_tokens, result.execute_ms / 1000)
             self.metrics.step(now - head.started, head.plan.num_tokens)
             chunks = self._encode_outputs(core.process(result))
 
@@ -376,6 +415,7 @@ class BatcherService:
         for rid, applied in aborts.items():
             if self.core.abort(rid):   # False: it finished meanwhile (its last chunk may still be going out)
                 self._priority.pop(rid, None)
+                self._attempts.pop(rid, None)
                 self.metrics.forget(rid)
                 self._cost_base.pop(rid, None)
                 if self._spans is not None:
@@ -391,6 +431,7 @@ class BatcherService:
         chunks: list[tuple[str, bytes, str | None]] = []
         streams = self.edge.streams
         cost = self.metrics.cost
+        attempts = self._attempts
         spans = self._spans if self._spans is not None and self._spans.reqs else None
         now = time.perf_counter()
         for o in outputs:
@@ -398,9 +439,11 @@ class BatcherService:
             if subject is None:
                 continue
             self.metrics.tokens_emitted(o.request_id, o.num_output_tokens, len(o.new_token_ids), now, o.finished)
-            if o.num_output_tokens == 1:   # its first token: the cost share starts here
+            if o.request_id not in self._cost_base:   # its first token here: the cost share starts
                 self._cost_base[o.request_id] = cost.first_token_base(o.num_prompt_tokens - o.num_cached_tokens)
             chunk = bus_pb2.TokenChunk(request_id=o.request_id, token_ids=o.new_token_ids, text=o.new_text)
+            if attempts:
+                chunk.attempt = attempts.get(o.request_id, 0)
             if o.logprobs:
                 chunk.logprobs.extend(o.logprobs)
             if o.finished:
@@ -414,6 +457,7 @@ class BatcherService:
                 u.decode_ms = o.decode_ms
                 u.worker_id = self.worker_id
                 base = self._cost_base.pop(o.request_id, None)
+                attempts.pop(o.request_id, None)
                 u.cost_usd = cost.integral - base if base is not None else 0.0
                 self.metrics.request_finished(self._priority.pop(o.request_id, 0), o.finish_reason, o.queue_ms,
                                               o.prefill_ms, o.decode_ms)
@@ -437,18 +481,57 @@ class BatcherService:
         await self.edge.publish_heartbeat()
         for rid in list(self.edge.streams):
             await self.edge.fail(rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
-                                 f"worker {self.worker_id} failed mid-request ({why}); retry", reason="worker_lost")
+                                 f"worker {self.worker_id} died mid-request ({why}); retry", reason="worker_lost",
+                                 attempt=self._attempts.get(rid, 0))
         for applied in self._aborts.values():   # those requests went with the worker
             if not applied.done():
                 applied.set_result(None)
         self._aborts.clear()
         self._priority.clear()
         self._cost_base.clear()
+        self._attempts.clear()
+        self._deadlines.clear()
         self.adapters.requests_changed()
         if self._spans is not None:
             self._spans.fail_all(f"worker lost: {why}")
         self._kv_events = [KvEvent(CLEARED, [], block_size=self.info.block_size if self.info else 0)]
         await self._flush_kv_events()
+
+    async def _expire_deadlines(self) -> None:
+        """Drop requests whose deadline passed (the client has its DEADLINE_EXCEEDED already; a router
+        that stalled may not have cancelled): an error chunk, then the abort frees their blocks."""
+        now_ms = time.time() * 1000
+        heap = self._deadlines
+        while heap and heap[0][0] <= now_ms:
+            _, rid = heapq.heappop(heap)
+            if rid in self.edge.streams:
+                await self.edge.fail(rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE, "the request's deadline passed",
+                                     reason="deadline", attempt=self._attempts.get(rid, 0))
+                self.cancel(rid)
+
+    async def _on_worker_hung(self, head: _InFlight, waited_s: float) -> None:
+        """A step overran its budget: the worker is hung. Say so in a heartbeat (the router stops
+        routing here and migrates the streams), fail every stream with reason worker_hung, then exit
+        (on_hung) so the launcher restarts the batcher+worker pair."""
+        n = head.plan.num_tokens
+        predicted = self._watch.predict_s(n)
+        why = (f"worker step {head.plan.step_id} ({n} tokens) still running after {waited_s:.1f}s "
+               f"(predicted {predicted:.3f}s)" if predicted is not None else
+               f"worker step {head.plan.step_id} ({n} tokens) still running after {waited_s:.1f}s")
+        log.error("worker %s hung: %s; failing %d stream(s) and exiting for a restart", self.worker_id, why,
+                  len(self.edge.streams))
+        self.healthy = False
+        self.unhealthy_reason = f"worker hung: {why}"
+        try:
+            await self.edge.publish_heartbeat()
+            for rid in list(self.edge.streams):
+                await self.edge.fail(rid, bus_pb2.CHUNK_ERROR_UNAVAILABLE,
+                                     f"worker {self.worker_id} hung mid-request ({why}); retry", reason="worker_hung",
+                                     attempt=self._attempts.get(rid, 0))
+            await self.nc.flush(timeout=2)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:   # NATS down too: the router's expiry covers it
+            log.warning("worker %s: hung-worker notices not all sent: %r", self.worker_id, e)
+        self.on_hung()
 
     async def _reconnect(self) -> None:
         """Wait for the worker to serve again (it restarts, or a failed Step stream is reopened)."""
@@ -464,6 +547,8 @@ class BatcherService:
         return self.edge.heartbeat()
 
     def fill_heartbeat(self, hb: bus_pb2.Heartbeat) -> None:
+        if self.unhealthy_reason:
+            hb.unhealthy_reason = self.unhealthy_reason
         if self.info is not None:
             hb.block_size = self.info.block_size
             hb.max_model_len = self.info.max_model_len

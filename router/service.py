@@ -3,8 +3,15 @@
 Per Generate: validate -> tokenize -> block hashes -> KvIndex/Match (only when there is a
 choice) -> pick a worker -> subscribe sy.tok.<id> -> publish sy.req.<worker> -> relay chunks.
 A client cancel or deadline cancels this handler; the `finally` publishes sy.cancel.<id> so the
-batcher frees the request's blocks. A worker dropped from the heartbeat table fails its streams
-with UNAVAILABLE.
+batcher frees the request's blocks.
+
+Migration (issue 16): when the replica of a stream dies (its batcher reports the worker lost), hangs
+(a heartbeat with `unhealthy_reason`, or an error chunk with reason worker_hung) or goes silent
+(dropped from the heartbeat table), the stream moves to another live replica of the model: the same
+BatchRequest with `resume_token_ids` = the tokens the client already has and `attempt` + 1 (chunks of
+an older attempt are dropped), after a cancel aimed at the old replica. At most `migration_limit`
+moves per request; with no replica left the client gets UNAVAILABLE naming the cause. Every way a
+stream ends early publishes the cancel, unless the batcher itself ended it (finish or error chunk).
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ _ERROR_CODES = {
     bus_pb2.CHUNK_ERROR_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
     bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    bus_pb2.CHUNK_ERROR_DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,   # queued past its deadline (batcher)
 }
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
@@ -57,16 +65,24 @@ TOKENIZE_THREADS = 2     # tokenizing runs here, off the event loop (heartbeats 
 
 
 class _WorkerGone:
-    """Put into a stream's queue when its worker leaves the table."""
+    """Put into a stream's queue when its worker leaves the table or reports itself hung."""
 
-    def __init__(self, message: str):
+    def __init__(self, worker_id: str, message: str, reason: str):
+        self.worker_id = worker_id
         self.message = message
+        self.reason = reason   # the migrations metric's label: heartbeat | worker_hung | nats_down
+
+
+# Error chunk reasons (TokenChunk.error_reason) after which a stream moves to another replica.
+_NOT_MIGRATED = ("deadline",)
 
 
 class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServicer):
     def __init__(self, cfg: StackConfig, nc, kv_channel: grpc.aio.Channel | None, tokenizer_loader=None,
                  metrics: RouterMetrics | None = None):
         self.cfg = cfg
+        from router.tenancy import Tenancy  # tenants: admission, quotas, per-tenant accounting (issue 17)
+        self.tenancy = Tenancy(cfg, served=metrics is not None)
         if metrics is None:  # not served: a private registry (several routers may share a process)
             from prometheus_client import CollectorRegistry
             metrics = RouterMetrics(CollectorRegistry())
@@ -102,12 +118,14 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             self.pool_routing = PoolRouting(self)
             await self.pool_routing.start()
         await self.adapter_control.start()
+        await self.tenancy.start(self.nc)
 
     async def stop(self) -> None:
         self._stop.set()
         for t in self._tasks:
             t.cancel()
         await self.adapter_control.stop()
+        await self.tenancy.stop()
         if self.pool_routing is not None:
             await self.pool_routing.stop()
         for s in self._subs:
@@ -147,6 +165,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         hb = bus_pb2.Heartbeat.FromString(msg.data)
         joined = hb.worker_id not in self.table
         view = self.table.observe(hb)
+        if hb.unhealthy_reason:   # hung (batcher/liveness.py): its streams move now, not after a timeout
+            self._fail_worker_streams(hb.worker_id, f"worker {hb.worker_id}: {hb.unhealthy_reason}", "worker_hung")
         if not joined:
             return
         # A worker (re)joining: keep the router's own in-flight count for it.
@@ -155,13 +175,33 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
 
     def _worker_expired(self, wid: str) -> None:
         log.warning("worker %s silent for %.1fs: dropped", wid, self.cfg.worker_timeout_s)
+        if not getattr(self.nc, "is_connected", True):
+            self._fail_worker_streams(wid, "NATS is down (the router lost its connection to nats-server; no "
+                                           f"word from worker {wid} for {self.cfg.worker_timeout_s:.1f}s)",
+                                      "nats_down")
+            return
         self._fail_worker_streams(wid, f"worker {wid} stopped responding (no heartbeat for "
-                                       f"{self.cfg.worker_timeout_s:.0f}s); retry")
+                                       f"{self.cfg.worker_timeout_s:.1f}s)", "heartbeat")
 
-    def _fail_worker_streams(self, worker_id: str, message: str) -> None:
+    def _fail_worker_streams(self, worker_id: str, message: str, reason: str) -> None:
         for w, q in self._streams.values():
             if w == worker_id:
-                q.put_nowait(_WorkerGone(message))
+                q.put_nowait(_WorkerGone(worker_id, message, reason))
+
+    def _migration_target(self, model: str, adapter_id: str | None, leaving: str) -> str | None:
+        """Another routable replica of the same served model (and adapter) for a stream leaving
+        `leaving`: the least loaded (its prefix is recomputed anyway)."""
+        views = [w for w in self.table.routable(model)
+                 if w.worker_id != leaving and (not adapter_id or w.serves(adapter_id))]
+        return min(views, key=lambda w: (w.load, w.worker_id)).worker_id if views else None
+
+    async def _publish_cancel(self, rid: str, worker_id: str = "", reason: str = "") -> None:
+        """sy.cancel.<rid>; with worker_id only that replica's batcher acts (the stream moved away)."""
+        try:
+            await self.nc.publish(subjects.cancel(rid), bus_pb2.Cancel(
+                request_id=rid, worker_id=worker_id, reason=reason).SerializeToString())
+        except nats.errors.Error:
+            log.warning("could not publish cancel for %s", rid, exc_info=True)
 
     # ---- routing -------------------------------------------------------------------------------
     def known_adapters(self) -> set[str]:
@@ -301,6 +341,9 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             self.metrics.errors.labels(request.model, e.code.name).inc()
             await context.abort(e.code, e.message)
             return
+        # the caller's tenant may run this (model, adapter, max_tokens) and it fits its quotas: else aborted
+        grant = await self.tenancy.admit(context, v, len(token_ids), request.service_class)
+        self.tenancy.fill(breq, grant)   # BatchRequest.tenant / tenant_weight / service_class; priority ceiling
         timer = self.metrics.request(v.model, worker_id, v.priority).start_at(t0)
         gen_span = tracing.current_span() if tracing.ENABLED else None
         if gen_span is not None:
@@ -323,6 +366,9 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         error_code = ""
         reroutes = 0
         view = None
+        held = False          # a batcher may hold the request: an early end cancels it
+        attempt = 0           # BatchRequest.attempt: +1 per migration; older attempts' chunks are dropped
+        streamed: list[int] = []   # token ids the client has: a migrated request resumes after them
         # Everything counted up from here is counted down in the `finally`, whatever happens.
         self.metrics.in_flight.inc()
         try:
@@ -333,14 +379,70 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             remaining = context.time_remaining()
             if remaining is not None:
                 breq.deadline_unix_ms = int((time.time() + remaining) * 1000)
-            await self._publish_request(worker_id, breq, context)
+            try:
+                await self._publish_request(worker_id, breq, context)
+            except nats.errors.Error as e:
+                finished, error_code = True, "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"NATS is down (could not send the request: "
+                                                                 f"{type(e).__name__}); retry")
+            held = True
             while True:
                 item = await queue.get()
+                cause = reason = None
                 if isinstance(item, _WorkerGone):
-                    finished = True  # nothing left to cancel
-                    error_code = "UNAVAILABLE"
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, item.message)
-                chunk = bus_pb2.TokenChunk.FromString(item)
+                    if item.worker_id != worker_id:
+                        continue   # about a replica this stream has left already
+                    cause, reason = item.message, item.reason
+                else:
+                    chunk = bus_pb2.TokenChunk.FromString(item)
+                    if chunk.attempt != attempt:
+                        continue   # a late chunk from a replica the stream moved away from
+                    if chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and chunk.error_reason not in _NOT_MIGRATED \
+                            and not (first and self.pool_routing is not None and reroutes < MAX_REROUTES):
+                        held = False   # the batcher ended it
+                        cause, reason = chunk.error_message, chunk.error_reason or "unavailable"
+                if cause is not None:
+                    # The replica died, hung, went silent or refused: continue on another one.
+                    cause = cause.removesuffix("; retry")
+                    # An external engine's pass-through batcher cannot resume from tokens: no moves there.
+                    external = self.cfg.backend != "switchyard"
+                    limit = 0 if external else self.cfg.migration_limit
+                    target = self._migration_target(v.model, v.adapter_id, worker_id) if attempt < limit else None
+                    if target is None:
+                        finished, error_code = True, "UNAVAILABLE"
+                        why = (f"streams on the {self.cfg.backend} backend do not migrate" if external else
+                               "migration is off (migration_limit = 0)" if limit <= 0 else
+                               f"it moved {attempt} time(s) already (migration_limit {limit})" if attempt >= limit
+                               else f"no other live replica of model {v.model!r}")
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{cause}; {why}; retry")
+                    if held:   # a hung or silent batcher may still hold it: only that copy stops
+                        await self._publish_cancel(rid, worker_id, f"migrated: {reason}")
+                    attempt += 1
+                    self.metrics.migrations.labels(reason).inc()
+                    log.warning("request %s: %s; migrating to worker %s after %d token(s) (move %d)", rid, cause,
+                                target, len(streamed), attempt)
+                    if view is not None:
+                        view.in_flight = max(0, view.in_flight - 1)
+                    worker_id = target
+                    self._streams[rid] = (worker_id, queue)
+                    view = self.table.workers.get(worker_id)
+                    if view is not None:
+                        view.in_flight += 1
+                    breq.attempt = attempt
+                    del breq.resume_token_ids[:]
+                    breq.resume_token_ids.extend(streamed)
+                    remaining = context.time_remaining()
+                    if remaining is not None:
+                        breq.deadline_unix_ms = int((time.time() + remaining) * 1000)
+                    held = False
+                    try:
+                        await self._publish_request(worker_id, breq, context)
+                    except nats.errors.Error as e:
+                        finished, error_code = True, "UNAVAILABLE"
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{cause}; NATS is down too "
+                                                                         f"({type(e).__name__}); retry")
+                    held = True
+                    continue
                 if (chunk.error == bus_pb2.CHUNK_ERROR_UNAVAILABLE and first and reroutes < MAX_REROUTES
                         and self.pool_routing is not None):
                     # Refused before any token (its replica is being unloaded / swapped): go elsewhere.
@@ -358,7 +460,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                         await self._publish_request(worker_id, breq, context)
                         continue
                 if chunk.error:
-                    finished = True  # rejected or failed: the batcher holds nothing
+                    finished, held = True, False  # rejected or failed: the batcher holds nothing
                     code = _ERROR_CODES.get(chunk.error, grpc.StatusCode.INTERNAL)
                     error_code = code.name
                     trailers = (("retry-after-ms", str(chunk.retry_after_ms or 100)),) \
@@ -367,15 +469,18 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 resp = inference_pb2.GenerateResponse(request_id=rid, text=chunk.text, token_ids=chunk.token_ids,
                                                       logprobs=chunk.logprobs)
                 timer.chunk()
+                streamed.extend(chunk.token_ids)
                 if first:
                     resp.worker_id = worker_id
                     first = False
+                    grant.first_token()
                     if gen_span is not None:
                         gen_span.add_event(tracing.FIRST_TOKEN_EVENT)
                 if chunk.finish_reason:
-                    finished = True
+                    finished, held = True, False
                     resp.finish_reason = chunk.finish_reason
                     resp.usage.CopyFrom(chunk.usage)
+                    grant.finish(chunk.usage)   # per-tenant accounting; unused quota refunded
                     reason = FINISH_FROM_PB.get(chunk.finish_reason) or "unknown"
                     timer.finish(reason, chunk.usage.completion_tokens)
                     if gen_span is not None:
@@ -389,6 +494,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 yield resp
         finally:
             # Runs on normal end, abort, client cancel and deadline (the handler task is cancelled).
+            grant.finish()   # no-op after a finish chunk
             self.metrics.in_flight.dec()
             if error_code:
                 self.metrics.errors.labels(v.model, error_code).inc()
@@ -400,12 +506,8 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                 view.in_flight = max(0, view.in_flight - 1)
             self._streams.pop(rid, None)
             try:
-                if not finished:
-                    try:
-                        await self.nc.publish(subjects.cancel(rid),
-                                              bus_pb2.Cancel(request_id=rid).SerializeToString())
-                    except nats.errors.Error:
-                        log.warning("could not publish cancel for %s", rid, exc_info=True)
+                if held:   # client gone, deadline, replica lost with nowhere to go: the batcher lets go
+                    await self._publish_cancel(rid)
                 try:
                     await sub.unsubscribe()
                 except nats.errors.Error as e:   # NATS closed under us: the subscription went with it
@@ -469,6 +571,11 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             return
         return inference_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
+    async def Embed(self, request: inference_pb2.EmbedRequest, context) -> inference_pb2.EmbedResponse:
+        # validation, tokenizing, routing to an embedding batcher: router/embeddings.py
+        from router.embeddings import embed
+        return await embed(self, request, context)
+
     # ---- Admin ---------------------------------------------------------------------------------
     async def LoadModel(self, request, context):
         return await self._pool_admin("LoadModel", request, context)
@@ -499,6 +606,9 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
             return await self.pool_routing.admin(method, request, context)
         except RequestError as e:
             await context.abort(e.code, e.message)
+
+    async def TenantUsage(self, request, context) -> inference_pb2.TenantUsageResponse:
+        return await self.tenancy.tenant_usage(request, context)   # router/tenancy.py
 
     async def Status(self, request, context) -> kv_index_pb2.StatusResponse:
         """The workers as this router sees them, plus the KV index's block counts (best effort)."""

@@ -62,10 +62,10 @@ def test_shared_long_prefix_prefers_the_worker_that_holds_it(stack2):
     assert all(u.cached_tokens >= 8 * 16 for u in later), [u.cached_tokens for u in later]
 
 
-def test_worker_sigkill_fails_its_streams_fast_and_traffic_moves(stack2):
-    """4 long streams over both workers; SIGKILL w0. Its streams fail with UNAVAILABLE at once - before
-    any stream on the survivor finishes its 300 tokens (not at their 120 s deadline) - and new requests
-    go to w1."""
+def test_worker_sigkill_moves_its_streams_and_traffic(stack2):
+    """4 long streams over both workers; SIGKILL w0. Its streams continue on w1 (request migration,
+    issue 16: tests/e2e/test_migration.py checks the text) and all four finish, none fails; while w0
+    is down, new requests go to w1."""
     victim = "w0"
     victim_pid = stack2.state["workers"][victim]["worker_pid"]
     first_token: dict[int, str] = {}
@@ -74,14 +74,15 @@ def test_worker_sigkill_fails_its_streams_fast_and_traffic_moves(stack2):
         req = gen_request(f"Write a long essay about topic {i}.", max_tokens=300)
         req.sampling.ignore_eos = True   # every stream must still be running when the worker dies
         call = stub.Generate(req, timeout=120)
-        worker = None
+        worker, n = None, 0
         try:
             async for r in call:
                 worker = worker or r.worker_id
                 first_token.setdefault(i, worker)
-            return worker, "finished", None
+                n += len(r.token_ids)
+            return worker, "finished", n
         except grpc.aio.AioRpcError as e:
-            return worker, e.code(), time.monotonic()
+            return worker, e.code(), n
 
     async def main():
         async with channel(stack2.router) as ch:
@@ -93,26 +94,20 @@ def test_worker_sigkill_fails_its_streams_fast_and_traffic_moves(stack2):
                 assert time.monotonic() < deadline, first_token
                 assert not any(t.done() for t in tasks), [t.result() for t in tasks if t.done()]
                 await asyncio.sleep(0.05)
-            t_kill = time.monotonic()
             os.kill(victim_pid, signal.SIGKILL)
-            done = []
-            for t in asyncio.as_completed(tasks, timeout=110):
-                r = await t
-                done.append(r)
-                # The survivors' streams are not what this test waits for: stop after the victims.
-                if sum(1 for w, c, _ in done if c == grpc.StatusCode.UNAVAILABLE) == 2:
-                    break
-            for t in tasks:
-                t.cancel()
-            # New requests go to the survivor and complete.
+            # Once the router has taken w0 out (its batcher reports the worker lost at once), new
+            # requests go to the survivor; w0 needs seconds to come back (restart + model load).
+            while (w := next((w for w in stack2.status()["workers"] if w["worker_id"] == victim), None)) \
+                    is not None and w["healthy"]:
+                assert time.monotonic() < deadline + 30, w
+                await asyncio.sleep(0.05)
             after = await asyncio.gather(*(collect(stub, gen_request(f"After {i}", max_tokens=3), timeout=60)
                                            for i in range(3)))
-            return t_kill, done, after
-    t_kill, done, after = _run(main())
+            done = await asyncio.wait_for(asyncio.gather(*tasks), 110)
+            return done, after
+    done, after = _run(main())
     assert sorted(first_token.values()) == ["w0", "w0", "w1", "w1"], first_token
-    # the first two streams to end are the victims', failed; no survivor's stream ended before them
-    assert [(w, c) for w, c, _ in done] == [(victim, grpc.StatusCode.UNAVAILABLE)] * 2, done
-    assert all(t > t_kill for _, _, t in done)
+    assert [(c, n) for _, c, n in done] == [("finished", 300)] * 4, done
     assert [resps[-1].usage.worker_id for _, _, resps in after] == ["w1"] * 3
     assert not pid_alive(victim_pid)
 
