@@ -63,6 +63,11 @@ class Request:
     num_cached_tokens: int = 0         # prefix-cache hit at first schedule (usage reporting)
     num_preemptions: int = 0
     sent_to_worker: bool = False       # the worker holds its state (else it goes out as a NewRequestPlan)
+    # fair shares and service classes (batcher/scheduler.py): normalised there ("" -> default/interactive)
+    tenant: str = "default"
+    tenant_weight: float = 1.0         # its share of the worker relative to other tenants' weights
+    service_class: str = "interactive"  # interactive (deadline-driven) | batch (fills idle capacity)
+    deadline_unix_ms: int = 0          # 0: none; still waiting past it -> dropped (CHUNK_ERROR_DEADLINE)
     times: RequestTimes = field(default_factory=RequestTimes)
 
     @property

@@ -1,10 +1,23 @@
 """Continuous-batching scheduler: who runs this step, with how many tokens, in which KV blocks.
 
-One step is planned under a token budget: running requests first (decodes and the next chunk of
-a chunked prefill), then waiting requests in priority order (higher first, FIFO within a class),
-each admitted with its prefix-cache hit and as much of its prompt as the budget leaves. When
-the allocator cannot supply a block, the lowest-priority, newest running request is preempted
-(its blocks freed, its tokens recomputed later), so a step never runs out of KV memory.
+One step is planned under a token budget, one service class at a time: `interactive` first (running
+requests' decodes and prefill chunks, then waiting ones), then `batch` with what is left, so a bulk
+job only fills idle capacity and an interactive arrival waits at most the step in flight (it may
+preempt batch requests for a seat or blocks). Among tenants, waiting requests are admitted by fair
+share in tokens (the Virtual Token Counter of Sheng et al., OSDI'24): each tenant's counter grows
+by the prefill and decode tokens scheduled for it divided by its weight, the backlogged tenant with
+the smallest counter is admitted next, and a tenant that becomes active is lifted to the smallest
+counter of the active ones (or to the last one that went idle), so idling banks no credit. Within a
+tenant: priority (higher first), then FIFO. When the allocator cannot supply a block a running
+request is preempted by recompute: batch class first, then the tenant furthest above its share, its
+lowest-priority newest request. So a step never runs out of KV memory, and preemption never picks a
+tenant below its fair share while one above it runs.
+
+Admission is honest (`add`): the queue bound counts only requests that will not get a seat at the
+next step, and an interactive request whose predicted wait for a first token
+(batcher/step_timing.py WaitPredictor: measured prefill rate, decode step time, the queue ahead)
+exceeds its deadline or `max_queue_delay_s` is refused at once, with a retry-after from the measured
+drain rate. Waiting requests past their deadline are dropped (`expired_waiting`, `drop_expired`).
 The scheduler only decides; the worker executes the resulting StepPlan.
 """
 from __future__ import annotations
@@ -15,10 +28,29 @@ import time
 from dataclasses import dataclass, field
 
 from batcher.request import Request, RequestStatus
+from batcher.step_timing import WaitPredictor
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.block_hash import block_hashes
-from workers.engine.errors import QueueFullError
+from workers.engine.errors import InvalidRequestError, QueueFullError
 from workers.engine.plan import NewRequestPlan, RunningRequestPlan, StepPlan
+
+INTERACTIVE = "interactive"
+BATCH = "batch"
+SERVICE_CLASSES = (INTERACTIVE, BATCH)   # their order is their rank: interactive is served first
+DEFAULT_TENANT = "default"
+_RANK = {c: i for i, c in enumerate(SERVICE_CLASSES)}
+_STEPS_REMEMBERED = 8                    # plans whose prefill/decode split awaits its measured time
+
+
+@dataclass
+class TenantTokens:
+    """What a tenant was served on this worker: tokens actually scheduled, and its fair-share state."""
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    counter: float = 0.0        # virtual token counter: weighted tokens (tokens / weight)
+    weight: float = 1.0
+    waiting: int = 0
+    running: int = 0
 
 
 @dataclass
@@ -30,6 +62,8 @@ class SchedulerStats:
     num_blocks: int
     prefix_cache_hit_rate: float
     num_preemptions: int
+    num_deadline_drops: int = 0
+    tenants: dict[str, TenantTokens] = field(default_factory=dict)   # Scheduler.tenant_tokens()
 
 
 @dataclass
@@ -39,70 +73,194 @@ class _Scheduled:
     new_block_ids: list[int] = field(default_factory=list)
 
 
-def _order_key(r: Request) -> tuple[int, int]:
-    return (-r.priority, r.arrival_seq)
+def _order_key(r: Request) -> tuple[int, int, int]:
+    return (_RANK[r.service_class], -r.priority, r.arrival_seq)
+
+
+def normalize_request(req: Request) -> None:
+    """The wire's empty values mean the defaults: tenant "default", weight 1, class interactive."""
+    req.tenant = req.tenant or DEFAULT_TENANT
+    if not req.tenant_weight or req.tenant_weight <= 0:
+        req.tenant_weight = 1.0
+    cls = (req.service_class or INTERACTIVE).strip().lower()
+    if cls not in _RANK:
+        raise InvalidRequestError("service_class", f"{req.service_class!r} is not one of {', '.join(SERVICE_CLASSES)}")
+    req.service_class = cls
 
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048,
-                 max_waiting: int = 1024, max_loras: int | None = None):
+                 max_waiting: int = 1024, max_loras: int | None = None,
+                 max_queue_delay_s: float = 0.0, predictor: WaitPredictor | None = None,
+                 wall_clock=time.time):
         self.allocator = allocator
         self.max_loras = max_loras      # distinct LoRA adapters among running requests (worker slots)
         self.block_size = allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.max_waiting = max_waiting
+        self.max_waiting = max_waiting  # requests waiting beyond the free seats, per class
+        self.max_queue_delay_s = max_queue_delay_s   # 0: only deadlines bound the predicted wait
+        self.predictor = predictor if predictor is not None else WaitPredictor()
+        self.wall_clock = wall_clock    # unix seconds: deadlines travel as unix ms
         self.requests: dict[str, Request] = {}
-        self._waiting: list[tuple[int, int, Request]] = []   # heap of (-priority, arrival_seq, req)
+        # (class rank, tenant) -> heap of (-priority, arrival_seq, queued tokens, req); non-empty only
+        self._queues: dict[tuple[int, str], list[tuple[int, int, int, Request]]] = {}
+        self._waiting_count = [0] * len(SERVICE_CLASSES)    # per class rank
+        self._waiting_tokens = [0] * len(SERVICE_CLASSES)   # prompt work queued, per class rank
+        self._deadlines: list[tuple[int, int, Request]] = []  # heap; stale entries skipped
         self.running: list[Request] = []                     # sorted by _order_key
+        self._tenants: dict[str, TenantTokens] = {}
+        self._vtc_floor = 0.0           # counter of the last tenant that went idle
         self._next_seq = 0
         self._step_id = 0
+        self._step_work: dict[int, tuple[int, int]] = {}     # step id -> (prefill tokens, decode rows)
         self._worker_forget: list[str] = []                  # ids the worker must drop next step
+        self._preempted_now: set[str] = set()                # preempted while planning this step
         self.num_preemptions = 0
+        self.num_deadline_drops = 0
         self._prefix_queried_tokens = 0
         self._prefix_hit_tokens = 0
 
     # ---- admission -------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return sum(self._waiting_count)
 
     def add(self, req: Request) -> None:
-        if len(self._waiting) >= self.max_waiting:
-            raise QueueFullError(
-                f"waiting queue is full ({self.max_waiting} requests); retry later",
-                retry_after_ms=self._retry_after_ms())
+        """Queue a request, or raise QueueFullError (nothing kept): its class's queue beyond the free
+        seats is at `max_waiting`, or (interactive) its predicted wait for a first token exceeds
+        its deadline or `max_queue_delay_s`."""
+        normalize_request(req)
+        self._check_admission(req)
         req.arrival_seq = self._next_seq
         self._next_seq += 1
-        req.status = RequestStatus.WAITING
         self._extend_hashes(req)
         self.requests[req.request_id] = req
-        heapq.heappush(self._waiting, (-req.priority, req.arrival_seq, req))
+        t = self._tenant(req.tenant)
+        t.weight = req.tenant_weight
+        if not t.waiting and not t.running:   # becomes active: no credit banked while idle
+            active = [o.counter for o in self._tenants.values() if (o.waiting or o.running) and o is not t]
+            t.counter = max(t.counter, min(active) if active else self._vtc_floor)
+        self._push_waiting(req)
+        if req.deadline_unix_ms:
+            if len(self._deadlines) > 2 * len(self.requests) + 64:   # mostly requests long gone: prune
+                self._deadlines = [e for e in self._deadlines if self.requests.get(e[2].request_id) is e[2]]
+                heapq.heapify(self._deadlines)
+            heapq.heappush(self._deadlines, (req.deadline_unix_ms, req.arrival_seq, req))
 
-    def _retry_after_ms(self) -> int:
-        # Rough drain time of the queue ahead: ~100 ms per batch-worth of waiting requests.
-        return 100 * (1 + len(self._waiting) // max(1, self.max_num_seqs))
+    def _check_admission(self, req: Request) -> None:
+        rank = _RANK[req.service_class]
+        ahead = sum(self._waiting_count[:rank + 1])          # batch waits behind interactive too
+        # Seats an arrival of this class can have: batch requests give theirs up to interactive ones.
+        seated = len(self.running) if rank else bisect.bisect_left(self.running, (1,), key=_order_key)
+        free = max(0, self.max_num_seqs - seated)
+        budget = self.max_num_batched_tokens
+        p = self.predictor
+        wait = p.queue_wait_s(tokens_ahead=sum(self._waiting_tokens[:rank + 1]), requests_ahead=ahead,
+                              free_seats=free, budget=budget)
+        if ahead - free >= self.max_waiting:
+            raise QueueFullError(
+                f"waiting queue is full ({self.max_waiting} requests beyond the {self.max_num_seqs} "
+                f"seats); retry later", retry_after_ms=self._retry_after_ms(ahead, wait or 0.1 * (1 + ahead)))
+        if req.service_class != INTERACTIVE or (ahead == 0 and free > 0):
+            return   # nothing ahead of it: its wait is its own prefill
+        if wait is None:
+            return   # nothing measured yet: the queue bound alone
+        first_token = wait + p.prefill_s(req.num_tokens, budget)
+        limit, what = self.max_queue_delay_s, "max_queue_delay_ms"
+        if req.deadline_unix_ms:
+            left = req.deadline_unix_ms / 1000 - self.wall_clock()
+            if not limit or left < limit:
+                limit, what = left, "its deadline"
+        if limit and limit > 0 and first_token > limit:
+            raise QueueFullError(
+                f"predicted wait for a first token {1000 * first_token:.0f} ms exceeds {what} "
+                f"({1000 * limit:.0f} ms): {ahead} request(s) queued ahead; retry later",
+                retry_after_ms=self._retry_after_ms(ahead, wait))
+
+    def _retry_after_ms(self, ahead: int, fallback_s: float) -> int:
+        """The time the queue ahead takes to drain at the measured rate."""
+        return max(1, round(1000 * self.predictor.retry_after_s(ahead, fallback_s)))
+
+    def _tenant(self, name: str) -> TenantTokens:
+        t = self._tenants.get(name)
+        if t is None:
+            t = self._tenants[name] = TenantTokens()
+        return t
+
+    def _push_waiting(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        rank = _RANK[req.service_class]
+        key = (rank, req.tenant)
+        tokens = req.num_tokens
+        heapq.heappush(self._queues.setdefault(key, []), (-req.priority, req.arrival_seq, tokens, req))
+        self._waiting_count[rank] += 1
+        self._waiting_tokens[rank] += tokens
+        self._tenants[req.tenant].waiting += 1
+
+    def _pop_waiting(self, key: tuple[int, str]) -> Request:
+        q = self._queues[key]
+        _, _, tokens, req = heapq.heappop(q)
+        if not q:
+            del self._queues[key]
+        self._waiting_count[key[0]] -= 1
+        self._waiting_tokens[key[0]] -= tokens
+        self._tenants[req.tenant].waiting -= 1
+        return req
+
+    def _remove_waiting(self, req: Request) -> None:
+        key = (_RANK[req.service_class], req.tenant)
+        q = self._queues.get(key, [])
+        for i, e in enumerate(q):
+            if e[3] is req:
+                q[i] = q[-1]
+                q.pop()
+                heapq.heapify(q)
+                if not q:
+                    del self._queues[key]
+                self._waiting_count[key[0]] -= 1
+                self._waiting_tokens[key[0]] -= e[2]
+                self._tenants[req.tenant].waiting -= 1
+                return
+
+    def _next_waiting(self, rank: int) -> tuple[int, str] | None:
+        """The queue to admit from: the backlogged tenant with the smallest counter (ties: FIFO)."""
+        best = None
+        best_key = None
+        for key, q in self._queues.items():
+            if key[0] != rank:
+                continue
+            k = (self._tenants[key[1]].counter, q[0][1])
+            if best is None or k < best:
+                best, best_key = k, key
+        return best_key
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting) or bool(self.running)
+        return bool(self._queues) or bool(self.running)
 
     # ---- finishing -------------------------------------------------------------------------
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Retire a request: free its blocks and tell the worker to forget it."""
         if req.finished:
             return
+        t = self._tenants.get(req.tenant)
         if req.status == RequestStatus.RUNNING:
             i = self._index_in_running(req)
             if i is not None:
                 self.running.pop(i)
+                t.running -= 1
+                self.predictor.note_finished()
         else:
-            self._waiting = [e for e in self._waiting if e[2] is not req]
-            heapq.heapify(self._waiting)
+            self._remove_waiting(req)
         req.status = status
         self._release(req)
         self.requests.pop(req.request_id, None)
+        if not self.running and not self._queues:
+            self.predictor.note_idle()
+        if t is not None and not t.waiting and not t.running:
+            self._vtc_floor = t.counter       # the last tenant to go idle (VTC's lift for the next)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
@@ -110,6 +268,30 @@ class Scheduler:
             return None
         self.finish(req, RequestStatus.FINISHED_ABORTED)
         return req
+
+    def expired_waiting(self) -> list[Request]:
+        """Waiting requests whose deadline has passed, for the caller to answer (DEADLINE_EXCEEDED) and
+        abort. Cheap when none expired: one look at a heap."""
+        dl = self._deadlines
+        if not dl:
+            return []
+        now_ms = self.wall_clock() * 1000
+        expired: list[Request] = []
+        while dl and dl[0][0] <= now_ms:
+            _, _, req = heapq.heappop(dl)
+            # (a preempted request has a second entry: take it once)
+            if req.status == RequestStatus.WAITING and self.requests.get(req.request_id) is req \
+                    and not any(e is req for e in expired):
+                expired.append(req)
+        self.num_deadline_drops += len(expired)
+        return expired
+
+    def drop_expired(self) -> list[Request]:
+        """`expired_waiting`, retired at once (nothing of theirs is kept)."""
+        expired = self.expired_waiting()
+        for req in expired:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return expired
 
     def _release(self, req: Request) -> None:
         if req.block_ids:
@@ -131,55 +313,103 @@ class Scheduler:
 
     # ---- planning --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        budget = self.max_num_batched_tokens
         scheduled: dict[str, _Scheduled] = {}
-        preempted_any = False
-
-        # 1. Running requests, highest priority first.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
-            if n <= 0 or (req.num_pending and self._done_when_pending_lands(req)):
-                i += 1
-                continue
-            new_blocks = self._grow(req, n)
-            while new_blocks is None:
-                victim = self.running[-1]
-                self._preempt(victim, scheduled)
-                preempted_any = True
-                if victim is req:
-                    break
-                new_blocks = self._grow(req, n)
-            if new_blocks is None:      # req itself was preempted; it was the last one
-                break
-            scheduled[req.request_id] = _Scheduled(req, n, new_blocks)
-            budget -= n
-            i += 1
-
-        # 2. Waiting requests, unless this step already had to preempt (memory is tight).
-        while self._waiting and budget > 0 and not preempted_any:
-            req = self._waiting[0][2]
-            if req.num_pending:
-                break                   # preempted with a token in flight: recompute once it has landed
-            if len(self.running) >= self.max_num_seqs:
-                if not self._preempt_lower_than(req, scheduled):
-                    break
-                budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled.values())
-                continue
-            if req.adapter_id and self.max_loras and not self._adapter_fits(req.adapter_id):
-                break                   # every adapter slot is held by running requests: wait for one
-            admitted = self._admit(req, budget)
-            if admitted is None:
-                if not self._preempt_lower_than(req, scheduled):
-                    break
-                budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled.values())
-                continue
-            heapq.heappop(self._waiting)
-            scheduled[req.request_id] = admitted
-            budget -= admitted.num_new_tokens
-
+        budget = [self.max_num_batched_tokens]
+        preempted = [False]
+        self._preempted_now.clear()
+        for rank in range(len(SERVICE_CLASSES)):
+            chunks = self._schedule_decodes(rank, scheduled, budget, preempted)
+            self._schedule_prefills(rank, chunks, scheduled, budget, preempted)
         return self._make_plan(scheduled)
+
+    def _schedule_decodes(self, rank: int, scheduled: dict[str, _Scheduled], budget: list[int],
+                          preempted: list[bool]) -> list[Request]:
+        """This class's running requests that need one token (decodes), highest priority first; returns
+        those that need more (prefill chunks), which compete with admissions by fair share."""
+        chunks: list[Request] = []
+        for req in [r for r in self.running if _RANK[r.service_class] == rank]:
+            if budget[0] <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue                # preempted for an earlier one this step
+            n = req.num_tokens + req.num_pending - req.num_computed_tokens
+            if n <= 0 or (req.num_pending and self._done_when_pending_lands(req)):
+                continue
+            if n > 1:
+                chunks.append(req)
+                continue
+            self._schedule_running(req, 1, scheduled, budget, preempted)
+        return chunks
+
+    def _schedule_prefills(self, rank: int, chunks: list[Request], scheduled: dict[str, _Scheduled],
+                           budget: list[int], preempted: list[bool]) -> None:
+        """Running prefill chunks and admissions of waiting requests, lowest tenant counter first (a
+        tie goes to the chunk: finish what has started). Charging as they are planned keeps a long
+        prompt's chunks from taking the budget step after step while other tenants wait. Waiting
+        requests are not admitted once this step had to preempt for memory (it is tight)."""
+        admit = True
+        counters = self._tenants
+        while budget[0] > 0:
+            best, best_key = None, None
+            for r in chunks:
+                if r.status == RequestStatus.RUNNING and r.request_id not in scheduled:
+                    k = (counters[r.tenant].counter, 0, -r.priority, r.arrival_seq)
+                    if best_key is None or k < best_key:
+                        best, best_key = r, k
+            queue = self._next_waiting(rank) if admit and not preempted[0] else None
+            if queue is not None:
+                head = self._queues[queue][0]
+                k = (counters[queue[1]].counter, 1, head[0], head[1])
+                if best_key is None or k < best_key:
+                    if not self._admit_next(queue, scheduled, budget):
+                        admit = False
+                    continue
+            if best is None:
+                return
+            n = best.num_tokens + best.num_pending - best.num_computed_tokens
+            self._schedule_running(best, min(n, budget[0]), scheduled, budget, preempted)
+            chunks.remove(best)
+
+    def _schedule_running(self, req: Request, n: int, scheduled: dict[str, _Scheduled], budget: list[int],
+                          preempted: list[bool]) -> None:
+        """Blocks for a running request's next n tokens, preempting (see _victim) while the allocator
+        is out; req itself may be the one preempted."""
+        new_blocks = self._grow(req, n)
+        while new_blocks is None:
+            victim = self._victim()
+            budget[0] += self._preempt(victim, scheduled)
+            preempted[0] = True
+            if victim is req:
+                return
+            new_blocks = self._grow(req, n)
+        scheduled[req.request_id] = _Scheduled(req, n, new_blocks)
+        self._charge(req, n)
+        budget[0] -= n
+
+    def _admit_next(self, queue: tuple[int, str], scheduled: dict[str, _Scheduled], budget: list[int]) -> bool:
+        """Try to start the head of a waiting queue (a seat, an adapter slot, blocks; preempting when
+        allowed). False: it cannot start this step, and nothing behind it should jump it."""
+        req = self._queues[queue][0][3]
+        if req.num_pending or req.request_id in self._preempted_now:
+            return False                # preempted (a token in flight, or just now): not back in this step
+        if len(self.running) >= self.max_num_seqs:
+            return self._preempt_for(req, scheduled, budget)
+        if req.adapter_id and self.max_loras and not self._adapter_fits(req.adapter_id):
+            return False                # every adapter slot is held by running requests: wait for one
+        admitted = self._admit(req, budget[0])
+        if admitted is None:
+            return self._preempt_for(req, scheduled, budget)
+        self._pop_waiting(queue)
+        self._tenants[req.tenant].running += 1
+        self.predictor.note_admitted()
+        scheduled[req.request_id] = admitted
+        self._charge(req, admitted.num_new_tokens)
+        budget[0] -= admitted.num_new_tokens
+        return True
+
+    def _charge(self, req: Request, n: int) -> None:
+        t = self._tenants[req.tenant]
+        t.counter += n / t.weight
 
     def _done_when_pending_lands(self, req: Request) -> bool:
         """Whether the tokens in flight already reach max_tokens / the context: no step past them."""
@@ -223,47 +453,107 @@ class Scheduler:
         bisect.insort(self.running, req, key=_order_key)
         return _Scheduled(req, n, req.block_ids)
 
-    def _preempt(self, victim: Request, scheduled: dict[str, _Scheduled]) -> None:
-        """Recompute-preemption: free victim's blocks and put it back at the head of its class."""
+    def _victim(self) -> Request:
+        """Whom to preempt: batch class before interactive; then the tenant furthest above its fair
+        share (largest counter); within it the lowest-priority, newest request (the last in order)."""
+        running = self.running
+        rank = _RANK[running[-1].service_class]   # the tail holds the lowest class present
+        counters = {r.tenant: self._tenants[r.tenant].counter for r in running
+                    if _RANK[r.service_class] == rank}
+        tenant = max(counters, key=counters.__getitem__)
+        for r in reversed(running):
+            if r.tenant == tenant and _RANK[r.service_class] == rank:
+                return r
+        raise AssertionError("unreachable: the tenant has a running request")
+
+    def _preempt(self, victim: Request, scheduled: dict[str, _Scheduled]) -> int:
+        """Recompute-preemption: free victim's blocks and put it back at the head of its queue.
+        Returns the budget it had been given this step (now free again)."""
         self.running.remove(victim)
-        scheduled.pop(victim.request_id, None)
+        self._preempted_now.add(victim.request_id)
+        self._tenants[victim.tenant].running -= 1
+        s = scheduled.pop(victim.request_id, None)
+        given = 0
+        if s is not None:
+            given = s.num_new_tokens
+            self._charge(victim, -given)
         self._release(victim)
         victim.num_computed_tokens = 0
-        victim.status = RequestStatus.WAITING
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        heapq.heappush(self._waiting, (-victim.priority, victim.arrival_seq, victim))
+        self._push_waiting(victim)
+        if victim.deadline_unix_ms:
+            heapq.heappush(self._deadlines, (victim.deadline_unix_ms, victim.arrival_seq, victim))
+        return given
 
-    def _preempt_lower_than(self, req: Request, scheduled: dict[str, _Scheduled]) -> bool:
-        """Make room for a waiting request by preempting a strictly lower-priority running one."""
-        if not self.running or self.running[-1].priority >= req.priority:
+    def _preempt_for(self, req: Request, scheduled: dict[str, _Scheduled], budget: list[int]) -> bool:
+        """Make room (a seat or blocks) for a waiting request: an interactive one preempts a batch one;
+        otherwise a strictly lower-priority request of its own tenant or of a tenant not below it in
+        fair share (never one that is behind)."""
+        if not self.running:
             return False
-        self._preempt(self.running[-1], scheduled)
+        victim = None
+        tail = self.running[-1]
+        if req.service_class == INTERACTIVE and tail.service_class == BATCH:
+            victim = self._victim()
+        else:
+            mine = self._tenants[req.tenant].counter
+            for r in reversed(self.running):
+                if _RANK[r.service_class] < _RANK[req.service_class] or r.priority >= req.priority:
+                    continue
+                if r.tenant == req.tenant or self._tenants[r.tenant].counter >= mine:
+                    victim = r
+                    break
+        if victim is None:
+            return False
+        budget[0] += self._preempt(victim, scheduled)
         return True
 
     def _make_plan(self, scheduled: dict[str, _Scheduled]) -> StepPlan:
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id, finished_ids=self._worker_forget)
         self._worker_forget = []
+        prefill = decode_rows = 0
         for s in scheduled.values():
             r = s.request
+            n = s.num_new_tokens
+            # Served tokens per tenant: prompt positions are prefill (a recompute's included), the rest decode.
+            p = min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+            t = self._tenants[r.tenant]
+            t.prefill_tokens += p
+            t.decode_tokens += n - p
+            if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens:
+                decode_rows += 1
+            else:
+                prefill += n
             # Advance now, not when the result lands, so the next step can be planned while this
             # one runs (the batcher keeps one plan queued at the worker). A chunk that reaches the
             # end of the sequence samples a token nobody knows yet: count it as pending.
-            r.num_computed_tokens += s.num_new_tokens
+            r.num_computed_tokens += n
             if r.num_computed_tokens == r.num_tokens + r.num_pending:
                 r.num_pending += 1
             if r.sent_to_worker:
-                plan.running.append(RunningRequestPlan(r.request_id, s.num_new_tokens, s.new_block_ids))
+                plan.running.append(RunningRequestPlan(r.request_id, n, s.new_block_ids))
             else:
                 plan.new_requests.append(NewRequestPlan(
                     request_id=r.request_id, token_ids=r.all_token_ids,
                     num_prompt_tokens=r.num_prompt_tokens,
-                    num_computed_tokens=r.num_computed_tokens - s.num_new_tokens, num_new_tokens=s.num_new_tokens,
+                    num_computed_tokens=r.num_computed_tokens - n, num_new_tokens=n,
                     block_ids=list(r.block_ids), sampling=r.sampling, seed=r.seed,
                     adapter_id=r.adapter_id))
                 r.sent_to_worker = True
+        if scheduled:
+            work = self._step_work
+            work[self._step_id] = (prefill, decode_rows)
+            if len(work) > _STEPS_REMEMBERED:   # a plan whose result never came (worker lost)
+                del work[next(iter(work))]
         return plan
+
+    def observe_step(self, step_id: int, execute_s: float) -> None:
+        """A step's measured time (StepResult.execute_ms): teaches the wait predictor the rates."""
+        work = self._step_work.pop(step_id, None)
+        if work is not None:
+            self.predictor.observe_step(work[0], work[1], execute_s)
 
     # ---- after the worker ran the plan ------------------------------------------------------
     def update(self, request_ids: list[str], token_ids: list[int],
@@ -311,13 +601,19 @@ class Scheduler:
         req.num_cached_blocks = full
 
     # ---- introspection ---------------------------------------------------------------------
+    def tenant_tokens(self) -> dict[str, TenantTokens]:
+        """Per tenant: prefill and decode tokens scheduled on this worker since it started, its
+        counter, weight, waiting and running requests (copies: the caller may keep them)."""
+        return {name: TenantTokens(**vars(t)) for name, t in self._tenants.items()}
+
     def stats(self) -> SchedulerStats:
         a = self.allocator
         hit = self._prefix_hit_tokens / self._prefix_queried_tokens if self._prefix_queried_tokens else 0.0
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self._waiting), kv_usage=a.usage,
+            num_running=len(self.running), num_waiting=self.num_waiting, kv_usage=a.usage,
             num_free_blocks=a.num_free_blocks, num_blocks=a.num_blocks,
-            prefix_cache_hit_rate=hit, num_preemptions=self.num_preemptions)
+            prefix_cache_hit_rate=hit, num_preemptions=self.num_preemptions,
+            num_deadline_drops=self.num_deadline_drops, tenants=self.tenant_tokens())
 
 
 def _now() -> float:

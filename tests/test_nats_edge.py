@@ -118,12 +118,12 @@ class GatedWorker:
 LIMITS = dict(enable_prefix_caching=True, max_num_seqs=4, max_num_batched_tokens=64, max_loras=2)
 
 
-async def engine_batcher(nc: FakeNats, max_waiting: int = 4):
+async def engine_batcher(nc: FakeNats, max_waiting: int = 4, max_num_seqs: int = LIMITS["max_num_seqs"]):
     cfg = StackConfig(admission_window_ms=0.0)
     svc = BatcherService(cfg, W, "127.0.0.1:1", nc)   # the channel never connects: the worker is fake
     svc.remote = worker = GatedWorker()
-    svc.core = build_engine_core(types.SimpleNamespace(**LIMITS, max_waiting=max_waiting), num_blocks=16,
-                                 block_size=4, max_model_len=128, runner=None, tokenizer=Tok())
+    limits = types.SimpleNamespace(**dict(LIMITS, max_num_seqs=max_num_seqs), max_waiting=max_waiting)
+    svc.core = build_engine_core(limits, num_blocks=16, block_size=4, max_model_len=128, runner=None, tokenizer=Tok())
     svc.core.adapter_check = svc.adapters.check
     svc.model, svc.healthy = "m", True
     await svc.start_serving()
@@ -181,8 +181,8 @@ def test_both_batchers_speak_the_same_protocol(kind):
     unload/load and heartbeats come from the one edge, whichever batcher is behind it."""
     async def main():
         nc = FakeNats()
-        if kind == "engine":   # nothing steps: both requests wait, and fill a queue of two
-            b, _ = await engine_batcher(nc, max_waiting=2)
+        if kind == "engine":   # nothing steps: the first request has the one seat, the second the queue of one
+            b, _ = await engine_batcher(nc, max_waiting=1, max_num_seqs=1)
         else:                  # the first request runs (one seat), the second fills a queue of one
             b, _ = await passthrough_batcher(nc, max_waiting=1)
         req = subjects.request(W)

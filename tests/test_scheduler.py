@@ -203,7 +203,7 @@ def test_eos_stop_token_and_stop_string():
 
 
 def test_bad_input_raises_before_queueing():
-    core, _ = make_core(max_model_len=16, max_waiting=1)
+    core, _ = make_core(max_model_len=16, max_waiting=1, max_num_seqs=1)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         core.add_request("a", [1], SamplingParams(max_tokens=0))
     with pytest.raises(InvalidRequestError, match="temperature"):
@@ -215,11 +215,12 @@ def test_bad_input_raises_before_queueing():
     with pytest.raises(InvalidRequestError, match="prompt"):
         core.add_request("a", [], SamplingParams())
     assert not core.has_unfinished()
-    core.add_request("ok", [1], SamplingParams())
+    core.add_request("ok", [1], SamplingParams())        # gets the one seat at the next step
+    core.add_request("queued", [1], SamplingParams())    # the one queue slot beyond the seats
     with pytest.raises(QueueFullError) as e:
         core.add_request("full", [1], SamplingParams())
     assert e.value.retry_after_ms > 0
-    assert core.scheduler.num_waiting == 1
+    assert core.scheduler.num_waiting == 2
 
 
 def test_context_limit_finishes_with_length():
