@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 import uuid
 
@@ -35,6 +36,7 @@ from common import rpc, subjects
 from common.config import StackConfig
 from common.waiting import Pulse
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2
+from router.tenants import TenantTable, forward_metadata
 from workers.backends.tritongrpc import load as load_triton
 
 _tg, _aio, pb, pb_grpc, mc, tutils = load_triton()
@@ -69,6 +71,13 @@ class TritonInputError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def _shown(s: str, limit: int = 200) -> str:
+    """A client's string (model name, request id, input name) as an error message shows it: one line
+    (control characters escaped), at most `limit` characters."""
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s[:limit])
+    return s
 
 
 # ---- decoding a ModelInferRequest -----------------------------------------------------------
@@ -115,24 +124,32 @@ def _triton_priority(p: int) -> int:
 
 def parse_request(req, known_models: set[str]) -> tuple[inference_pb2.GenerateRequest, dict]:
     """ModelInferRequest -> (GenerateRequest, options); TritonInputError for anything Triton would reject."""
-    rid, model = req.id, req.model_name
-    if model not in known_models:
+    rid, model = _shown(req.id), _shown(req.model_name)   # as messages show them; req.model_name is looked up
+    if req.model_name not in known_models:
         raise TritonInputError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{model}' is not found")
     if req.model_version not in ("", VERSION):
         raise TritonInputError(grpc.StatusCode.NOT_FOUND,
-                               f"Request for unknown model: '{model}' version {req.model_version} is not found")
+                               f"Request for unknown model: '{model}' version {_shown(req.model_version)} is not found")
     values: dict[str, object] = {}
     for i, t in enumerate(req.inputs):
         spec = INPUTS.get(t.name)
         if spec is None:
             raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"[request id: {rid}] unexpected inference input '{t.name}' for model '{model}'; "
+                                   f"[request id: {rid}] unexpected inference input '{_shown(t.name)}' for model "
+                                   f"'{model}'; "
                                    f"expected inputs: {', '.join(INPUTS)}")
         if t.datatype != spec[0]:
+            dt = _shown(t.datatype)
             raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"[request id: {rid}] inference input '{t.name}' data-type is '{t.datatype}', "
+                                   f"[request id: {rid}] inference input '{t.name}' data-type is '{dt}', "
                                    f"but model '{model}' expects '{spec[0]}'")
-        values[t.name] = _scalar(_tensor_value(req, i, t), t.name, rid, model)
+        try:
+            arr = _tensor_value(req, i, t)
+        except (struct.error, ValueError) as e:   # raw_input_contents that are not a tensor of its datatype
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] input '{t.name}' for model '{model}': raw contents are not "
+                                   f"a {t.datatype} tensor ({_shown(str(e))})") from None
+        values[t.name] = _scalar(arr, t.name, rid, model)
     if "text_input" not in values:
         raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"[request id: {rid}] expected 1 inputs but got {len(values)} inputs for model "
@@ -141,7 +158,8 @@ def parse_request(req, known_models: set[str]) -> tuple[inference_pb2.GenerateRe
     for o in req.outputs:
         if o.name not in OUTPUTS:
             raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"[request id: {rid}] unexpected inference output '{o.name}' for model '{model}'")
+                                   f"[request id: {rid}] unexpected inference output '{_shown(o.name)}' for model "
+                                   f"'{model}'")
     # Sampling: request parameters < sampling_parameters JSON < tensors.
     settings: dict = {}
     for k, p in req.parameters.items():
@@ -221,7 +239,8 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
 
     async def models(self, fresh: bool = False) -> dict[str, int]:
         if fresh or time.monotonic() - self._models_at > 1.0:
-            resp = await self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0)
+            resp = await self.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5.0,
+                                              metadata=forward_metadata())
             self._models = {m.name: m.num_workers for m in resp.models}
             self._models_at = time.monotonic()
         return self._models
@@ -235,7 +254,7 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
     async def _require_model(self, name: str, context) -> int:
         models = await self.models(fresh=True)
         if name not in models:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{_shown(name)}' is not found")
         return models[name]
 
     # -- server
@@ -298,7 +317,7 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
         await self._require_model(name, context)
         if self.nc is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model control needs NATS; the front door has none")
-        st = await self.admin.Status(kv_index_pb2.StatusRequest(), timeout=5.0)
+        st = await self.admin.Status(kv_index_pb2.StatusRequest(), timeout=5.0, metadata=forward_metadata())
         workers = [w.worker_id for w in st.workers if w.model == name]
         if not workers:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"no worker of model '{name}' is reachable right now")
@@ -321,7 +340,9 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
                 except nats.errors.Error as e:   # timeout, no responders, connection closed
                     errors.append(f"{wid}: {type(e).__name__}: {e}")
             if errors:
-                await context.abort(grpc.StatusCode.INTERNAL, f"failed to {action} '{name}': {'; '.join(errors)}")
+                # the workers did not do it (refused, or NATS did not deliver): not a bug of the front door
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"failed to {action} '{_shown(name)}': {_shown('; '.join(errors), 1000)}")
             # Triton's load/unload is synchronous: answer once the router's view shows it (re-read
             # after each heartbeat, for up to CONTROL_SETTLE_S).
             want_ready = action == "load"
@@ -350,7 +371,7 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
     async def _generate(self, gen: inference_pb2.GenerateRequest, timeout: float | None):
         """Yield GenerateResponses; TritonInputError(code, message) on a router error."""
         try:
-            async for r in self.stub.Generate(gen, timeout=timeout):
+            async for r in self.stub.Generate(gen, timeout=timeout, metadata=forward_metadata()):
                 yield r
         except grpc.aio.AioRpcError as e:
             raise TritonInputError(e.code(), f"{e.code().name}: {e.details()}") from e
@@ -397,14 +418,14 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
             if opts["empty_final"]:
                 out.put_nowait(pb.ModelStreamInferResponse(infer_response=make_response(request, None, final=True)))
         except TritonInputError as e:
-            out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[request id: {request.id}] {e.message}"
+            out.put_nowait(pb.ModelStreamInferResponse(error_message=f"[request id: {_shown(request.id)}] {e.message}"
                                                        if not e.message.startswith("[request id") else e.message,
                                                        infer_response=pb.ModelInferResponse(
                                                            model_name=request.model_name, id=request.id)))
         except Exception as e:   # never leave a request on the stream unanswered
             log.exception("stream request %s failed", request.id)
             out.put_nowait(pb.ModelStreamInferResponse(
-                error_message=f"[request id: {request.id}] internal error: {type(e).__name__}",
+                error_message=f"[request id: {_shown(request.id)}] internal error: {type(e).__name__}",
                 infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -412,24 +433,35 @@ class TritonFront(pb_grpc.GRPCInferenceServiceServicer):
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         DONE = object()
+        started = 0   # requests handed to a task; each task's None marker follows its last response
 
         async def reader():
+            nonlocal started
             try:
                 async for req in request_iterator:
+                    if isinstance(req, rpc.Refused):   # did not decode (common/rpc.py): answered, the stream goes on
+                        out.put_nowait(pb.ModelStreamInferResponse(error_message=req.message,
+                                                                   infer_response=pb.ModelInferResponse()))
+                        continue
                     t = asyncio.create_task(self._stream_one(req, out))
+                    started += 1
                     tasks.add(t)
                     t.add_done_callback(lambda t: (tasks.discard(t), out.put_nowait(None)))
             finally:
                 out.put_nowait(DONE)
 
         rd = asyncio.create_task(reader())
-        reading = True
+        reading, finished = True, 0
         try:
-            while reading or tasks:
+            # End once every request's marker came off the queue (not when `tasks` is empty: a task can
+            # finish while a response of it still waits in the queue, and that answer would be lost).
+            while reading or finished < started:
                 item = await out.get()
                 if item is DONE:
                     reading = False
-                elif item is not None:
+                elif item is None:
+                    finished += 1
+                else:
                     yield item
         finally:
             # Client closed the stream (or cancelled): cancel every request on it, router included.
@@ -453,8 +485,9 @@ async def start(svc) -> None:
     front = TritonFront(cfg, channel, nc)
     ep = svc.grpc_server(["inference.GRPCInferenceService"], svc.args.port, grace_s=min(cfg.drain_grace_s, 10.0))
     # undecodable requests: INVALID_ARGUMENT, not UNKNOWN (common/rpc.py)
+    # every RPC resolves the caller's tenant (router/tenants.py); its token is forwarded to the router
     rpc.add_checked_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, front, ep.server,
-                             cfg.max_request_bytes)
+                             cfg.max_request_bytes, authorize=TenantTable(cfg).authorizer())
     await ep.start(True)
 
 
