@@ -1,7 +1,8 @@
 """Admin calls (Admin/LoadModel, UnloadModel) need `authorization: Bearer <admin token>`.
 
-No or an unknown token: UNAUTHENTICATED. A known non-admin token (StackConfig.tokens):
-PERMISSION_DENIED. With no admin_tokens configured no token is an admin token.
+No or an unknown token: UNAUTHENTICATED. A known non-admin token (StackConfig.tokens, or a tenant's
+token from the tenants table): PERMISSION_DENIED. With no admin_tokens configured no token is an admin
+token. Admin is a role of its own: a tenant token never passes here (router/tenants.py).
 """
 from __future__ import annotations
 
@@ -32,8 +33,15 @@ def check_admin(context, cfg) -> None:
                            "admin calls need metadata `authorization: Bearer <admin token>` (config admin_tokens)")
     if _member(token, cfg.admin_tokens):
         return
-    if _member(token, cfg.tokens):
+    if _member(token, cfg.tokens) or _tenant_token(token, cfg):
         raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
                            "this token may not call the admin API; use an admin token")
     raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "unknown token" + (
         "" if cfg.admin_tokens else " (no admin_tokens are configured: the admin API is disabled)"))
+
+
+def _tenant_token(token: str, cfg) -> bool:
+    if not getattr(cfg, "tenants", None):
+        return False
+    from router.tenants import TenantTable
+    return TenantTable(cfg).is_tenant_token(token)
