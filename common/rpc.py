@@ -22,13 +22,50 @@ def server(max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Server:
 
 
 def channel(target: str, max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+    """An aio channel; TLS with this process's certificate when common/tls.py is configured (`tls = true`)."""
+    from common import tls
     from telemetry.propagation import client_interceptors  # [] unless tracing is set up
+    s = tls.current()
+    if s is not None:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(s), options=options(max_bytes),
+                                       interceptors=client_interceptors() or None)
     return grpc.aio.insecure_channel(target, options=options(max_bytes), interceptors=client_interceptors() or None)
 
 
 def sync_channel(target: str, max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    """A blocking channel with the same limits (the CLI's commands: status, models, admin, adapters)."""
-    return grpc.insecure_channel(target, options=options(max_bytes))
+    """A blocking channel with the same limits (the CLI's commands: status, models, admin, adapters);
+    TLS as `channel`."""
+    from common import tls
+    s = tls.current()
+    if s is not None:
+        return _with_caller_token(grpc.secure_channel(target, tls.channel_credentials(s), options=options(max_bytes)))
+    return _with_caller_token(grpc.insecure_channel(target, options=options(max_bytes)))
+
+
+class _CallerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer $SWITCHYARD_TOKEN` (a tenant token: router/tenants.py) to a CLI call
+    that carries none (an admin command's --token wins)."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = list(d.metadata or ())
+        if any(k == "authorization" for k, _ in md):
+            return d
+        return d._replace(metadata=[*md, self._md]) if hasattr(d, "_replace") else d
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def _with_caller_token(ch: grpc.Channel) -> grpc.Channel:
+    import os
+    token = os.environ.get("SWITCHYARD_TOKEN", "")
+    return grpc.intercept_channel(ch, _CallerToken(token)) if token else ch
 
 
 def add_health_and_reflection(srv: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:
@@ -50,8 +87,12 @@ async def set_serving(hs: health.aio.HealthServicer, services: list[str], servin
 
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind insecure host:port; raise a clear error when the port is taken."""
-    bound = srv.add_insecure_port(f"{host}:{port}")
+    """Bind host:port (TLS when common/tls.py is configured: a front door's policy or mutual TLS inside);
+    raise a clear error when the port is taken."""
+    from common import tls
+    s = tls.current()
+    bound = srv.add_secure_port(f"{host}:{port}", tls.server_credentials(s)) if s is not None \
+        else srv.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         from common.ports import PortInUseError
         raise PortInUseError(f"cannot listen on {host}:{port} (in use or not permitted)")
@@ -117,10 +158,14 @@ def checked_deserializer(parse, name: str, max_request_bytes: int = 0):
 def _checked_handler(handler, service: str, method: str, max_request_bytes: int, on_refused):
     """The same method handler with a checked deserializer and a behaviour that answers a Refused."""
     parse = handler.request_deserializer
-    if parse is None or handler.request_streaming:
+    if parse is None:
         return handler
     name = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
     name = name.full_name if name is not None else f"{service}/{method} request"
+    if handler.request_streaming:
+        # A message on a request stream that does not decode arrives as a Refused item: the servicer
+        # answers it on the stream (Triton's ModelStreamInfer: an error_message) and the stream goes on.
+        return handler._replace(request_deserializer=checked_deserializer(parse, name, max_request_bytes))
 
     async def refuse(context, r: Refused):
         if on_refused is not None:
@@ -148,19 +193,57 @@ def _checked_handler(handler, service: str, method: str, max_request_bytes: int,
                             unary_unary=unary_unary)
 
 
+def _authorized_handler(handler, full_method: str, authorize):
+    """The same method handler, calling `await authorize(full_method, context)` before its behaviour
+    (which aborts an unauthenticated caller and records who called; router/tenants.py)."""
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request, context):
+            await authorize(full_method, context)
+            return await inner_uu(request, context)
+        return handler._replace(unary_unary=unary_unary)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request, context):
+            await authorize(full_method, context)
+            async for item in inner_us(request, context):
+                yield item
+        return handler._replace(unary_stream=unary_stream)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iterator, context):
+            await authorize(full_method, context)
+            return await inner_su(request_iterator, context)
+        return handler._replace(stream_unary=stream_unary)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iterator, context):
+        await authorize(full_method, context)
+        async for item in inner_ss(request_iterator, context):
+            yield item
+    return handler._replace(stream_stream=stream_stream)
+
+
 class _CheckedServer:
     """Stands in for the server in a generated `add_XServicer_to_server`, wrapping each method handler."""
 
-    def __init__(self, server, max_request_bytes: int, on_refused):
+    def __init__(self, server, max_request_bytes: int, on_refused, authorize=None):
         self._server = server
         self._max = max_request_bytes
         self._on_refused = on_refused
+        self._authorize = authorize
         self._wrapped: dict[str, dict] = {}
 
     def _wrap(self, service: str, handlers: dict) -> dict:
         if service not in self._wrapped:
             self._wrapped[service] = {m: _checked_handler(h, service, m, self._max, self._on_refused)
                                       for m, h in handlers.items()}
+            if self._authorize is not None:   # every method: no RPC can forget the caller check
+                self._wrapped[service] = {m: _authorized_handler(h, f"/{service}/{m}", self._authorize)
+                                          for m, h in self._wrapped[service].items()}
         return self._wrapped[service]
 
     def add_generic_rpc_handlers(self, handlers) -> None:
@@ -177,11 +260,13 @@ class _CheckedServer:
         self._server.add_registered_method_handlers(service, self._wrap(service, handlers))
 
 
-def add_checked_servicer(add_fn, servicer, server, max_request_bytes: int = 0, on_refused=None) -> None:
+def add_checked_servicer(add_fn, servicer, server, max_request_bytes: int = 0, on_refused=None,
+                         authorize=None) -> None:
     """`add_fn(servicer, server)` (a generated add_XServicer_to_server) for a front door: requests that
     do not decode, or exceed max_request_bytes (0: no limit beyond max_message_bytes), are answered
-    INVALID_ARGUMENT with the reason; on_refused(method, Refused) is called first (metrics)."""
-    add_fn(servicer, _CheckedServer(server, max_request_bytes, on_refused))
+    INVALID_ARGUMENT with the reason; on_refused(method, Refused) is called first (metrics).
+    authorize: `async (full method name, context)` run before every method (tenants: router/tenants.py)."""
+    add_fn(servicer, _CheckedServer(server, max_request_bytes, on_refused, authorize))
 
 
 def describe(err) -> str:

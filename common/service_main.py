@@ -71,9 +71,14 @@ async def connect_nats_client(url: str, name: str):
     async def error(e: Exception) -> None:   # no traceback; refused connects while the server is down: debug
         log.log(logging.DEBUG if isinstance(e, quiet) else logging.WARNING, "%s: NATS error: %r", name, e)
 
+    from common import tls
+    s = tls.current()   # `tls = true`: TLS with this process's certificate, and its service's NATS user
+    secure = tls.nats_connect_options(s, name) if s is not None else {}
+    if s is not None:
+        url = tls.tls_url(url)
     nc = box["nc"] = await nats.connect(url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
                                         reconnect_time_wait=0.2, disconnected_cb=disconnected,
-                                        reconnected_cb=reconnected, error_cb=error)
+                                        reconnected_cb=reconnected, error_cb=error, **secure)
     return nc
 
 
@@ -124,7 +129,7 @@ class Service:
     async def connect_nats(self, client_name: str | None = None):
         """A NATS client (--nats, else the config's URL), reconnecting forever; drained last at stop."""
         nc = await connect_nats_client(getattr(self.args, "nats", None) or self.cfg.nats_url, client_name or self.name)
-        self.on_stop(nc.drain)
+        self.on_stop(lambda: _drain_nats(nc))
         return nc
 
     def channel(self, target: str):
@@ -161,6 +166,16 @@ class Service:
             if ep.started:
                 await ep.server.stop(grace=ep.grace_s)
         await self._stops.aclose()
+
+
+async def _drain_nats(nc, timeout_s: float = 2.0) -> None:
+    """Flush what was published, then close. Bounded: a subscription that never drains (a JetStream pull
+    consumer or KV watcher mid-request) would otherwise hold the process for nats-py's 30 s drain timeout."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception:   # noqa: BLE001 - timeout or a connection already gone: closing is what is left
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 def build_parser(description: str, flags: Sequence[str], required: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -212,6 +227,8 @@ def run_service(name: str, start: Callable[[Service], Awaitable[None]], *, descr
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     cfg = load_config(args.config, model=getattr(args, "model", None))
     logging.getLogger().setLevel(cfg.log_level.upper())
+    from common import tls
+    tls.configure(tls.settings_from(cfg, name))   # before any server/channel/NATS connection (common/tls.py)
     from telemetry import metrics, tracing
     tracing.setup_from_config(tracing_name or name, cfg)   # before any server/channel: interceptors
     svc = Service(name, cfg, args)

@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from common.rpc import options
+from common.rpc import sync_channel
 from protos.switchyard.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -28,7 +28,7 @@ def stream_generate(router: str, prompt: str, *, model: str | None = None, max_t
         req.messages.add(role="user", content=prompt)
     else:
         req.prompt = prompt
-    with grpc.insecure_channel(router, options=options()) as ch:
+    with sync_channel(router) as ch:   # TLS when configure_client_tls found the router's CA
         stub = inference_pb2_grpc.InferenceStub(ch)
         last = None
         try:
