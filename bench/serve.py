@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-num-seqs", type=int, default=None)
     t.add_argument("--max-waiting", type=int, default=None, help="admission bound (queue beyond it is shed)")
     t.add_argument("--torch-threads", type=int, default=None, help="in-process: torch.set_num_threads")
+    t.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step, also the prefill chunk size (stack this starts)")
+    t.add_argument("--auto-tune", action="store_true",
+                   help="the stack this starts measures its threads, token budget and admission window as "
+                        "`switchyard up` does (workers/tuning.py); the choice goes into the JSON")
     t.add_argument("--traces", action="store_true",
                    help="trace the stack this starts (a trace file) and split router and NATS out of E2E")
     t.add_argument("--trace-file", default=None,
@@ -285,7 +290,8 @@ def make_target(args, stack_router: str | None = None):
 def stack_overrides(args) -> dict:
     o = dict(workers=args.workers, device=args.device, num_kv_blocks=args.num_kv_blocks,
              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-             routing_policy=args.routing_policy)
+             routing_policy=args.routing_policy, auto_tune=True if args.auto_tune else None,
+             engine={"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else None)
     return {k: v for k, v in o.items() if v is not None}
 
 
@@ -331,6 +337,7 @@ def run(args) -> dict:
     try:
         with local_stack(cfg) as stack:
             rep = asyncio.run(_amain(args, stack.router_address))
+            tuning = stack.machine.state()   # defaults chosen from the machine (--auto-tune), and why
     finally:
         if trace_dir:
             shutil.rmtree(trace_dir, ignore_errors=True)
@@ -338,6 +345,10 @@ def run(args) -> dict:
     rep["stack_config"] = {k: v for k, v in flat.items()
                            if k in ("workers", "num_kv_blocks", "max_model_len", "max_num_seqs", "max_waiting",
                                     "max_num_batched_tokens", "routing_policy", "device", "enable_prefix_caching")}
+    if tuning is not None:
+        rep["tuning"] = tuning
+        rep["stack_config"].update({k: tuning[k] for k in ("num_threads", "max_num_batched_tokens",
+                                                           "admission_window_ms") if tuning[k] is not None})
     return rep
 
 

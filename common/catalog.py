@@ -5,10 +5,20 @@
     [pool.scaler]      target_per_replica, scale_up_window_s, scale_down_window_s, idle_to_zero_s, interval_s
     [[models]]         name, source, version, capabilities, max_context, min_replicas, max_replicas,
                        memory_gb, gpu_usd_per_hour, [models.versions] other version -> source,
-                       [models.engine] this model's EngineConfig keys over the stack's (dtype, ...)
+                       [models.engine] this model's EngineConfig keys over the stack's (dtype, ...),
+                       default_profile, [models.profiles.<name>] deployment profiles (below)
     [[adapters]]       name, base, path, capabilities: a LoRA adapter (PEFT folder; relative paths are
                        relative to the catalogue file) served on the replicas of catalogue model `base`
     [[intents]]        capability, keywords, regex
+
+Deployment profiles: one model served by separate groups of replicas tuned differently, e.g.
+`online` (few seats, small token budget: short steps, low ITL) and `offline` (many seats, large
+budget: throughput). Each profile has its own replicas (min/max_replicas, memory_gb: the model's when
+unset) and [engine] keys over the model's; the pool runs it as the deployment `<model>:<profile>`
+(served as `<model>:<profile>@<version>`). A request picks one by `service_class` (a profile's
+`service_classes`; `online` serves "interactive" and `offline` "batch" unless set) or names it
+(`model = "smollm2:online"`); otherwise the model's `default_profile` (the interactive one, else the
+first).
 
 Unknown keys are errors (a typo must not silently fall back to a default). Used by the launcher's
 PoolManager (services/pool.py) and by the router (router/catalog_routing.py, router/intent.py).
@@ -19,13 +29,28 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from common.config import engine_config_from, split_engine_keys
 
 SOURCES_ENV = "SWITCHYARD_MODEL_SOURCES_FILE"   # served name -> source map for tokenizer lookups
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+_PROFILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,23}$")
+SERVICE_CLASSES = ("interactive", "batch")      # GenerateRequest.service_class values
+PROFILE_SEP = ":"                               # deployment name: <model>:<profile>
+# A profile named like this serves that class unless its service_classes say otherwise.
+DEFAULT_PROFILE_CLASSES = {"online": ["interactive"], "offline": ["batch"]}
+
+
+@dataclass
+class ProfileSpec:
+    """One deployment profile of a model: its own replicas and engine keys (over the model's)."""
+    service_classes: list[str] | None = None  # None: DEFAULT_PROFILE_CLASSES by name, else none
+    min_replicas: int | None = None           # None: the model's
+    max_replicas: int | None = None
+    memory_gb: float | None = None
+    engine: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -41,9 +66,31 @@ class ModelSpec:
     gpu_usd_per_hour: float = 2.5
     versions: dict[str, str] = field(default_factory=dict)   # other versions: version -> source
     engine: dict = field(default_factory=dict)   # EngineConfig keys for this model's replicas (over [stack])
+    profiles: dict[str, ProfileSpec] = field(default_factory=dict)   # deployment profiles (module doc)
+    default_profile: str = ""                 # "": the profile serving "interactive", else the first
 
     def source_for(self, version: str, override: str = "") -> str:
         return override or self.versions.get(version) or self.source
+
+    def profile_for(self, service_class: str) -> tuple[str, str]:
+        """-> (profile, why) for a request of this service class ("" when the model has no profiles)."""
+        if not self.profiles:
+            return "", ""
+        for name, p in self.profiles.items():
+            if service_class and service_class in (p.service_classes or []):
+                return name, f"profile {name!r} serves service class {service_class!r}"
+        what = f"no profile serves service class {service_class!r}" if service_class else "no service class"
+        return self.default_profile, f"profile {self.default_profile!r} ({what}: the model's default)"
+
+    def deployment(self, profile: str) -> "ModelSpec":
+        """The spec the pool runs for one profile: named <model>:<profile>, the profile's replicas and
+        engine keys over the model's, no profiles of its own."""
+        p = self.profiles[profile]
+        return replace(self, name=f"{self.name}{PROFILE_SEP}{profile}",
+                       min_replicas=self.min_replicas if p.min_replicas is None else p.min_replicas,
+                       max_replicas=self.max_replicas if p.max_replicas is None else p.max_replicas,
+                       memory_gb=self.memory_gb if p.memory_gb is None else p.memory_gb,
+                       engine={**self.engine, **p.engine}, profiles={}, default_profile="")
 
 
 @dataclass
@@ -98,6 +145,25 @@ class Catalog:
     def get(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def deployments(self) -> list[ModelSpec]:
+        """What the pool runs: each model without profiles as is, each profile as `<model>:<profile>`."""
+        return [m.deployment(p) for m in self.models for p in m.profiles] + [m for m in self.models if not m.profiles]
+
+    def deployment(self, name: str) -> ModelSpec | None:
+        """The spec of a deployment name (`model` without profiles, or `model:profile`); None if unknown."""
+        model, profile = split_profile(name)
+        m = self.get(model)
+        if m is None or bool(profile) != bool(m.profiles) or (profile and profile not in m.profiles):
+            return None
+        return m.deployment(profile) if profile else m
+
+    def deployment_names(self, model: str) -> list[str]:
+        """A catalogue model's deployment names: its profiles', or its own."""
+        m = self.get(model)
+        if m is None:
+            return []
+        return [f"{model}{PROFILE_SEP}{p}" for p in m.profiles] or [model]
+
     @property
     def names(self) -> list[str]:
         return [m.name for m in self.models]
@@ -120,6 +186,12 @@ def split_served(served: str) -> tuple[str, str]:
     return name, version
 
 
+def split_profile(name: str) -> tuple[str, str]:
+    """'smollm2:online' -> ('smollm2', 'online'); 'smollm2' -> ('smollm2', '')."""
+    model, _, profile = name.partition(PROFILE_SEP)
+    return model, profile
+
+
 def _check_keys(data: dict, cls, where: str) -> None:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -132,7 +204,9 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
     models = []
     for i, m in enumerate(data.get("models", [])):
         _check_keys(m, ModelSpec, f"models[{i}]")
-        spec = ModelSpec(**m)
+        m = dict(m)
+        profiles = _parse_profiles(m.pop("profiles", {}), f"models[{i}]")
+        spec = ModelSpec(**m, profiles=profiles)
         if not _NAME.match(spec.name):
             raise ValueError(f"models[{i}].name {spec.name!r}: use [A-Za-z0-9_.-], at most 48 characters")
         if not 0 <= spec.min_replicas <= spec.max_replicas or spec.max_replicas < 1:
@@ -140,6 +214,7 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
         if spec.memory_gb <= 0 or spec.max_context < 2:
             raise ValueError(f"models[{i}] {spec.name}: memory_gb must be > 0 and max_context >= 2")
         engine_config_from(spec.engine, f"models[{i}].engine")   # unknown keys, bad dtype: fail at load
+        _check_profiles(spec, f"models[{i}] {spec.name}")
         models.append(spec)
     if not models:
         raise ValueError(f"{path or 'catalogue'}: no [[models]]")
@@ -154,8 +229,10 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
     if pool.default_model and pool.default_model not in names:
         raise ValueError(f"[pool].default_model {pool.default_model!r} is not one of {names}")
     for m in models:
-        if m.memory_gb > pool.slot_memory_gb:
-            raise ValueError(f"model {m.name}: memory_gb {m.memory_gb} exceeds slot_memory_gb {pool.slot_memory_gb}")
+        for d in [m, *(m.deployment(p) for p in m.profiles)]:
+            if d.memory_gb > pool.slot_memory_gb:
+                raise ValueError(f"model {d.name}: memory_gb {d.memory_gb} exceeds slot_memory_gb "
+                                 f"{pool.slot_memory_gb}")
     intents = []
     for i, r in enumerate(data.get("intents", [])):
         _check_keys(r, IntentRule, f"intents[{i}]")
@@ -167,6 +244,51 @@ def parse_catalog(data: dict, path: str = "") -> Catalog:
     split_engine_keys(stack, "[stack]")   # unknown keys: fail at load
     adapters = _parse_adapters(data.get("adapters", []), names, Path(path).parent if path else Path.cwd())
     return Catalog(models, pool, intents, stack, str(path), adapters)
+
+
+def _parse_profiles(data: dict, where: str) -> dict[str, ProfileSpec]:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}.profiles: a table of profile name -> settings ([models.profiles.online])")
+    out: dict[str, ProfileSpec] = {}
+    for name, p in data.items():
+        at = f"{where}.profiles.{name}"
+        if not _PROFILE.match(name):
+            raise ValueError(f"{at}: profile names use [A-Za-z0-9_-], at most 24 characters (e.g. online, offline)")
+        if not isinstance(p, dict):
+            raise ValueError(f"{at}: a table of profile settings")
+        _check_keys(p, ProfileSpec, at)
+        spec = ProfileSpec(**p)
+        if spec.service_classes is None:
+            spec.service_classes = list(DEFAULT_PROFILE_CLASSES.get(name, []))
+        bad = [c for c in spec.service_classes if c not in SERVICE_CLASSES]
+        if bad:
+            raise ValueError(f"{at}.service_classes {bad}: choose from {list(SERVICE_CLASSES)}")
+        engine_config_from(spec.engine, f"{at}.engine")
+        out[name] = spec
+    return out
+
+
+def _check_profiles(spec: ModelSpec, where: str) -> None:
+    if not spec.profiles:
+        if spec.default_profile:
+            raise ValueError(f"{where}: default_profile {spec.default_profile!r} but no [models.profiles]")
+        return
+    claimed: dict[str, str] = {}
+    for name, p in spec.profiles.items():
+        for c in p.service_classes or []:
+            if c in claimed:
+                raise ValueError(f"{where}: service class {c!r} is served by both profiles {claimed[c]!r} and "
+                                 f"{name!r}; give each class one profile")
+            claimed[c] = name
+        d = spec.deployment(name)
+        if not 0 <= d.min_replicas <= d.max_replicas or d.max_replicas < 1:
+            raise ValueError(f"{where}.profiles.{name}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        if d.memory_gb <= 0:
+            raise ValueError(f"{where}.profiles.{name}: memory_gb must be > 0")
+    if spec.default_profile and spec.default_profile not in spec.profiles:
+        raise ValueError(f"{where}: default_profile {spec.default_profile!r} is not one of its profiles "
+                         f"{sorted(spec.profiles)}")
+    spec.default_profile = spec.default_profile or claimed.get("interactive") or next(iter(spec.profiles))
 
 
 def _parse_adapters(items: list, model_names: list[str], root: Path) -> list[AdapterSpec]:

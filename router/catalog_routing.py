@@ -15,6 +15,12 @@ heartbeat table, KV index) runs unchanged. A model with no replica triggers a po
 request waits for it (bounded by its deadline and pool_load_wait_s): woken by each heartbeat the
 router's worker table takes in, not by a timer.
 
+Deployment profiles (common/catalog.py): a model with profiles is served by one deployment per
+profile, `<model>:<profile>`. Once the model is chosen, `pick_profile` picks the deployment: the one
+named in `model` ("smollm2:online"; an unknown profile is NOT_FOUND listing the model's), else the
+profile serving the request's `service_class` (interactive -> online, batch -> offline by default),
+else the model's default profile. `x-switchyard-profile` and the reason go to the client with the rest.
+
 Among replicas the router's usual choice (router/routing.py) runs; `choose_bounded` adds an
 imbalance bound so one hot prefix cannot pile every request onto one replica.
 """
@@ -26,7 +32,7 @@ import time
 
 import grpc
 
-from common.catalog import ModelSpec, load_catalog, split_served
+from common.catalog import PROFILE_SEP, Catalog, ModelSpec, load_catalog, split_profile, split_served
 from common.waiting import wait_set
 from protos.switchyard.v1 import inference_pb2, pool_pb2_grpc
 from router import routing
@@ -49,6 +55,27 @@ def choose_bounded(cands: list[routing.Candidate], prompt_blocks: int, overlap_w
     if c.load - lo > max_imbalance:
         return min(cands, key=lambda x: (x.load, x.worker_id))
     return c
+
+
+def pick_profile(catalog: Catalog, name: str, service_class: str) -> tuple[str, str]:
+    """A chosen model or served name -> (the deployment to serve it, why; "" when no profile applies).
+    'smollm2' -> 'smollm2:online'; 'smollm2@v2' -> 'smollm2:online@v2'; a named profile stays.
+    RequestError NOT_FOUND for a profile the model does not have."""
+    base, version = split_served(name)
+    model, profile = split_profile(base)
+    spec = catalog.get(model)
+    if spec is None:
+        return name, ""
+    if profile:
+        if profile not in spec.profiles:
+            have = ", ".join(sorted(spec.profiles)) or "none (serve it as plain " + repr(model) + ")"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"model {model!r} has no deployment profile {profile!r}; its profiles: {have}", "model")
+        return name, f"profile {profile!r} named in the request"
+    if not spec.profiles:
+        return name, ""
+    profile, why = spec.profile_for(service_class)
+    return f"{model}{PROFILE_SEP}{profile}" + (f"@{version}" if version else ""), why
 
 
 class PoolRouting:
@@ -99,7 +126,8 @@ class PoolRouting:
         return sorted(served, key=lambda s: (s != active, s))
 
     def is_ready(self, name: str) -> bool:
-        return bool(self.served_names(name))
+        """A served name of `name` is routable (a model with profiles: of any of its profiles)."""
+        return any(self.served_names(d) for d in self.catalog.deployment_names(name) or [name])
 
     def _adapters_on_catalogue(self) -> list[tuple[AdapterEntry, ModelSpec]]:
         out = []
@@ -139,7 +167,7 @@ class PoolRouting:
         """-> (catalogue model name or a served name, reason, adapter or ""). Raises RequestError."""
         if request.model:
             name = request.model
-            if self.catalog.get(split_served(name)[0]) is not None:
+            if self.catalog.get(split_profile(split_served(name)[0])[0]) is not None:
                 return name, "model named in the request", ""
             if name in self.router.table.models():   # served outside the catalogue
                 return name, "model named in the request", ""
@@ -173,7 +201,7 @@ class PoolRouting:
         if version:   # a specific version asked for
             if name in self.router.table.models():
                 return name
-            if self.catalog.get(base) is None:
+            if self.catalog.deployment(base) is None:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no healthy worker serves {name!r} right now; retry")
         served = self.served_names(base)
         if served and (not version or name in served):
@@ -218,8 +246,12 @@ class PoolRouting:
     async def route(self, request, context):
         """-> the request rewritten to a served model name. Sends the decision as initial metadata."""
         name, reason, adapter = await self.select(request)
+        name, why_profile = pick_profile(self.catalog, name, request.service_class)
+        if why_profile:
+            reason = f"{reason}; {why_profile}"
         served = await self.ensure_served(name, context)
         base, version = split_served(served)
+        base, profile = split_profile(base)
         req = type(request)()
         req.CopyFrom(request)
         req.model = served
@@ -230,6 +262,8 @@ class PoolRouting:
               ("x-switchyard-route-reason", reason)]
         if req.adapter_id:
             md.append(("x-switchyard-adapter", req.adapter_id))
+        if profile:
+            md.append(("x-switchyard-profile", profile))
         try:
             await context.send_initial_metadata(tuple(md))
         except grpc.aio.UsageError as e:   # metadata already sent (cannot happen before the first yield)
@@ -237,7 +271,8 @@ class PoolRouting:
         if tracing.ENABLED:
             span = tracing.current_span()
             if span is not None:
-                span.set_attributes({"switchyard.route.model": base, "switchyard.route.version": version,
+                span.set_attributes({"switchyard.route.model": base, "switchyard.route.profile": profile,
+                                     "switchyard.route.version": version,
                                      "switchyard.route.reason": reason, "switchyard.route.adapter": req.adapter_id})
         return req
 
@@ -266,7 +301,7 @@ class PoolRouting:
         if self.pool is None:   # the catalogue plus what heartbeats
             resp = inference_pb2.ListModelsResponse()
             table = self.router.table.models()
-            for m in self.catalog.models:
+            for m in self.catalog.deployments():
                 served = self.served_names(m.name)
                 ws = [w for s in served for w in table[s]]
                 resp.models.add(name=m.name, state="ready" if ws else "unloaded",

@@ -21,6 +21,10 @@ Per model state: unloaded -> loading -> ready -> draining -> unloaded.
   then SIGTERM batcher and worker.
 * hot-swap (load of another version): start the new version's replicas, wait healthy, make it the
   active version (the router prefers it at once), then drain and stop the old replicas.
+
+A model with deployment profiles (common/catalog.py) is one entry per profile, `<model>:<profile>`,
+each with its own replicas, scaler state and engine keys; loading or unloading the model by its
+bare name does it for every profile.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from pathlib import Path
 import nats.errors
 
 from common import proc
-from common.catalog import Catalog, ModelSpec, served_name, write_sources
+from common.catalog import Catalog, ModelSpec, served_name, split_profile, write_sources
 from common.config import StackConfig, write_config
 from common.ports import free_port
 from common.replicas import ReplicaTable, ReplicaView
@@ -105,7 +109,8 @@ def replica_config(cfg: StackConfig, catalog: Catalog, spec: ModelSpec, source: 
     max_len = spec.max_context if engine.max_model_len is None else min(spec.max_context, engine.max_model_len)
     # The catalogue's adapters on this base are served from the replica's first heartbeat; ones
     # added at run time (Admin/LoadAdapter) the router pushes (router/adapter_control.py).
-    adapters = {**engine.lora_adapters, **{a.name: a.path for a in catalog.adapters if a.base == spec.name}}
+    model = split_profile(spec.name)[0]   # a profile's deployment serves its model's adapters
+    adapters = {**engine.lora_adapters, **{a.name: a.path for a in catalog.adapters if a.base == model}}
     return replace(cfg, model=source, workers=max(1, catalog.pool.slots), gpu_usd_per_hour=spec.gpu_usd_per_hour,
                    engine=replace(engine, max_model_len=max_len, lora_adapters=adapters))
 
@@ -161,7 +166,7 @@ class PoolManager:
         from prometheus_client import CollectorRegistry
         self.registry = CollectorRegistry()
         self.metrics = PoolMetrics(self.registry)
-        for m in catalog.models:
+        for m in catalog.deployments():
             self._register_source(m.name, m.version, m.source)
             for v, src in m.versions.items():
                 self._register_source(m.name, v, src)
@@ -212,7 +217,7 @@ class PoolManager:
 
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
-        for m in self.catalog.models:
+        for m in self.catalog.deployments():
             self.models[m.name] = ModelEntry(m, m.version, m.source)
         from common.service_main import connect_nats_client
         self._nc = await connect_nats_client(self.cfg.nats_url, "pool")
@@ -224,7 +229,7 @@ class PoolManager:
         self.metrics_port = M.serve(free_port(self.cfg.host), self.cfg.host, registry=self.registry)
         try:
             await asyncio.gather(*(self.load(m.name, replicas=m.min_replicas, wait=True)
-                                   for m in self.catalog.models if m.min_replicas > 0))
+                                   for m in self.catalog.deployments() if m.min_replicas > 0))
         except BaseException as e:
             self._start_error = e
             self._ready.set()
@@ -278,8 +283,14 @@ class PoolManager:
 
     # ---- state -------------------------------------------------------------------------------
     def _register_source(self, name: str, version: str, source: str) -> None:
+        self._sources.setdefault(split_profile(name)[0], source)   # the bare model name of a profile too
         self._sources.setdefault(name, source)
         self._sources[served_name(name, version)] = source
+
+    def _profiles_of(self, name: str) -> list[str]:
+        """The deployment names of a catalogue model with profiles named bare; else []."""
+        m = self.catalog.get(name)
+        return self.catalog.deployment_names(name) if m is not None and m.profiles else []
 
     def entry(self, name: str) -> ModelEntry:
         e = self.models.get(name)
@@ -455,6 +466,11 @@ class PoolManager:
     async def load(self, name: str, version: str = "", source: str = "", replicas: int = 0,
                    wait: bool = True) -> tuple[ModelEntry, list[str], str]:
         """Load (or hot-swap to `version`, or scale up to `replicas`). Returns (entry, evicted, message)."""
+        profiles = self._profiles_of(name)
+        if profiles:   # the bare name of a model with profiles: every profile
+            done = [await self.load(p, version, source, replicas, wait) for p in profiles]
+            message = "; ".join(f"{p}: {d[2]}" for p, d in zip(profiles, done))
+            return done[0][0], [x for d in done for x in d[1]], message
         e = self.entry(name)
         e.last_used = time.monotonic()
         if not wait:
@@ -492,6 +508,10 @@ class PoolManager:
             return e, evicted, f"{name} swapped {prev} -> {version} ({want} replica(s))"
 
     async def unload(self, name: str, wait: bool = True) -> tuple[ModelEntry, str]:
+        profiles = self._profiles_of(name)
+        if profiles:
+            done = [await self.unload(p, wait) for p in profiles]
+            return done[0][0], "; ".join(f"{p}: {d[1]}" for p, d in zip(profiles, done))
         e = self.entry(name)
         if not wait:
             self._spawn_task(self.unload(name, True), f"unload-{name}")

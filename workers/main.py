@@ -6,8 +6,35 @@ from dataclasses import replace
 
 from common.config import StackConfig
 from common.service_main import Service, run_service
+from workers.tuning import TUNING_FILE_ENV, TUNING_MEASURE_ENV
 
 SERVICE = "switchyard.v1.Worker"
+
+
+def tune(runner, cfg: StackConfig, ecfg) -> None:
+    """Measure this machine's defaults (workers/tuning.py) when the launcher asked this worker to
+    ($SWITCHYARD_TUNING_FILE and ..._MEASURE=1), or take a restarted worker's earlier choice."""
+    path = os.environ.get(TUNING_FILE_ENV)
+    if not path or os.environ.get(TUNING_MEASURE_ENV) != "1":
+        return
+    import logging
+
+    import torch
+
+    from workers.tuning import Tuning, machine_cores, read_tuning, tune_runner, write_tuning
+    log = logging.getLogger("switchyard.worker")
+    t = read_tuning(path)
+    if t is None:
+        try:
+            t = tune_runner(runner, cfg, ecfg)
+            log.warning("tuned from the machine in %.2fs: %s", t.measure_s,
+                        "; ".join(f"{k} = {v}" for k, v in t.reasons.items()))
+        except Exception:  # noqa: BLE001 - a bug in measuring must not keep the worker from serving
+            log.exception("measuring this machine's defaults failed; keeping the configured ones")
+            t = Tuning(machine_cores(), cfg.workers, reasons={"error": "measuring failed (worker log)"})
+        write_tuning(path, t)   # the launcher starts the batcher once this exists
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
 
 
 def engine_config(cfg: StackConfig):
@@ -31,6 +58,13 @@ async def start(svc: Service) -> None:
 
     cfg, args = svc.cfg, svc.args
     ecfg = engine_config(cfg)
+    # A worker that does not measure waits for the one that does (they would compete for the cores).
+    tuning_file = os.environ.get(TUNING_FILE_ENV)
+    if tuning_file and os.environ.get(TUNING_MEASURE_ENV) != "1":
+        from workers.tuning import wait_tuning
+        loop = asyncio.get_running_loop()
+        t = await loop.run_in_executor(None, wait_tuning, tuning_file, cfg.startup_timeout_s)
+        ecfg = replace(ecfg, num_threads=t.num_threads or ecfg.num_threads)
     servicer = WorkerServicer(None, args.served_name or cfg.model, ecfg.device,
                               metrics=metrics.WorkerMetrics(cfg.model, args.worker_id))
     ep = svc.grpc_server([SERVICE], args.port, grace_s=2.0)
@@ -41,6 +75,7 @@ async def start(svc: Service) -> None:
     loaded = await loop.run_in_executor(None, lambda: load_model(
         cfg.model, device=ecfg.device, dtype=resolve_dtype(ecfg), random_weights=None, seed=ecfg.seed))
     runner = ModelRunner(loaded, ecfg)
+    await loop.run_in_executor(servicer._executor, tune, runner, cfg, ecfg)
     if runner.lora is not None:   # a configured adapter this base cannot serve is a config error: fail fast
         for name in runner.lora.names():
             await loop.run_in_executor(None, runner.lora.prefetch, name)
