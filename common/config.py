@@ -81,7 +81,7 @@ class StackConfig:
     load_weight: float = 1.0
     # liveness and shutdown
     heartbeat_interval_s: float = 0.5
-    worker_timeout_s: float = 3.0        # a batcher silent this long is dropped
+    worker_timeout_s: float = 2.5        # a batcher silent this long is dropped (+ a 0.25 s sweep: < 3 s)
     drain_grace_s: float = 30.0          # in-flight streams get this long to finish on SIGTERM
     startup_timeout_s: float = 180.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -109,10 +109,64 @@ class StackConfig:
     admin_tokens: list | None = None     # `authorization: Bearer <t>` for Admin/LoadModel, UnloadModel
     tokens: list | None = None           # non-admin tokens (PERMISSION_DENIED on admin calls)
     # -- faults (issue 16): liveness, migration, admission
+    # liveness (batcher/liveness.py): a worker step running longer than factor x its predicted time
+    # (batcher/step_timing.py) + floor marks the replica unhealthy, its streams migrate, the pair restarts
+    step_timeout_factor: float = 5.0
+    step_timeout_floor_s: float = 1.0    # (+ 0.5 s grace: a decode step of 0.1 s is called hung after 2 s)
+    step_timeout_cold_s: float = 120.0   # a step before any was measured (first prefill, compilation)
+    migration_limit: int = 2             # a stream moves to another replica at most this often (0: off)
+    # honest admission (batcher/scheduler.py): an interactive request whose predicted wait for a first
+    # token (measured prefill rate, step time, the queue ahead) exceeds this is refused at once with
+    # RESOURCE_EXHAUSTED + a measured retry-after. 30 s: far above a healthy queue's wait even on CPU
+    # (no normal load is refused), far below the minutes an overloaded one built up; 0: deadlines only.
+    max_queue_delay_ms: float = 30000.0
     # -- tenants, quotas, fair shares, service classes (issue 17)
+    # auth "off": every caller is tenant `default` (a known tenant token still names its tenant);
+    # "required": every front-door RPC needs `authorization: Bearer <tenant token>` (router/tenants.py).
+    auth: str = "off"                    # off | required
+    # tenant name -> table: tokens (plain or "sha256:<hex>"), revoked_tokens, weight, service_classes,
+    # default_class, tokens_per_minute, max_streams, max_queued, max_tokens, models, adapters,
+    # priority_ceiling, cert_subjects (router/tenants.py TENANT_KEYS; 0 / empty: no limit)
+    tenants: dict | None = None
+    quota_shared: bool = True            # quotas across router replicas through NATS JetStream KV
+    api_usd_per_1m_input: float = 0.15   # API list prices the per-tenant cost is compared with
+    api_usd_per_1m_output: float = 0.60
     # -- TLS and NATS credentials (issue 17)
+    # tls: TLS on every hop (common/tls.py): front doors, service-to-service gRPC (mutual, one internal
+    # CA), NATS (TLS + a user per service). Files from `switchyard certs --out DIR` in tls_dir;
+    # `switchyard up --tls` makes them in <workdir>/tls when tls_dir is "".
+    tls: bool = False
+    tls_dir: str = ""                    # ca.pem, <service>.pem / -key.pem, nats-users.json
+    tls_cert: str = ""                   # front door certificate / key (PEM); "": <tls_dir>/<service>.pem
+    tls_key: str = ""
+    tls_ca: str = ""                     # the internal CA; "": <tls_dir>/ca.pem
+    tls_client_ca: str = ""              # tenants' client certificates chain to this (or to the internal CA)
+    tls_client_auth: str = "none"        # front doors: none | required (mTLS; subject -> tenant)
     # -- deployment profiles and defaults from the machine (issue 19)
+    # Measure, at worker 0's start, the keys still at their defaults: engine.num_threads,
+    # engine.max_num_batched_tokens (also the prefill chunk size) and admission_window_ms (workers/tuning.py).
+    # None: on for `switchyard up`, off for stacks that tests and benchmarks start (they set it to measure).
+    auto_tune: bool | None = None
+    # the tuned token budget keeps a step under this: ITL p99 is a step carrying a prefill chunk, and the
+    # goal is 100 ms (30 left for the stack and jitter); lower costs TTFT (a long prompt takes more chunks)
+    tune_step_target_ms: float = 70.0
     # -- bulk jobs, embeddings, the OpenAI-compatible HTTP front door (issue 20)
+    # embeddings (batcher/embedding_batcher.py): `embedding_workers` extra batcher+worker pairs (ids e0, e1, ...)
+    # serve `embedding_model` for Inference/Embed; 0 workers or "" model: none
+    embedding_model: str = "all-minilm-l6-v2"
+    embedding_workers: int = 0           # `switchyard up --embedding-workers N`; `make run` starts 1
+    embedding_max_texts: int = 2048      # texts in one Embed request (OpenAI's input limit)
+    embedding_batch_tokens: int = 8192   # tokens of one packed forward (texts of many requests together)
+    embedding_num_threads: int = 0       # torch threads of an embedding worker; 0: the machine's cores / 2
+    http_port: int | None = None         # OpenAI-compatible HTTP front door (services/openai_http.py); 0: free
+    http_files_dir: str = ""             # its uploaded /v1/files ("": <workdir>/openai-files)
+    batch_max_file_bytes: int = 32 * 1024 * 1024   # a bulk job's JSONL input (Batch/CreateJob, /v1/files)
+    batch_max_items: int = 50000         # items in one job
+    batch_concurrency: int = 8           # items the router's runner runs at once (service class "batch")
+    batch_concurrency_under_load: int = 2   # ... while interactive streams are open (0: batch_concurrency)
+    batch_max_deliver: int = 5           # attempts per item before its dead-letter record
+    batch_ack_wait_s: float = 30.0       # JetStream redelivers an item unacknowledged this long (runner died)
+    batch_item_timeout_s: float = 300.0  # deadline of one item's Generate/Embed
 
     def __post_init__(self) -> None:
         if isinstance(self.engine, dict):   # StackConfig(**json.load(f)): the [engine] table as a dict

@@ -58,3 +58,30 @@ ALL_HEARTBEATS = f"{PREFIX}.hb.*"
 def last_token(subject: str) -> str:
     """The id at the end of a subject (e.g. the worker id of sy.hb.<worker_id>)."""
     return subject.rsplit(".", 1)[-1]
+
+
+# Durable bulk jobs (router/batch_jobs.py): JetStream streams and buckets, file storage.
+BATCH_ITEMS_STREAM = "SY_BATCH_ITEMS"       # work queue: one message per item, removed when acknowledged
+BATCH_RESULTS_STREAM = "SY_BATCH_RESULTS"   # one message per subject (job + custom_id): duplicates collapse
+BATCH_JOBS_BUCKET = "sy_batch_jobs"         # KV: job id -> the job's record (JSON)
+BATCH_RUNNER_CONSUMER = "sy-batch-runner"   # the router's durable pull consumer on BATCH_ITEMS_STREAM
+ALL_BATCH_ITEMS = f"{PREFIX}.batch.item.*"
+ALL_BATCH_RESULTS = f"{PREFIX}.batch.result.>"
+
+
+def batch_item(job_id: str) -> str:
+    """Router -> its batch runner (through the work-queue stream): one item of a job."""
+    return f"{PREFIX}.batch.item.{check_token(job_id, 'job id')}"
+
+
+def batch_result(job_id: str, key: str) -> str:
+    """The stored result of one item; `key` is a token derived from its custom_id."""
+    return f"{PREFIX}.batch.result.{check_token(job_id, 'job id')}.{check_token(key, 'result key')}"
+
+
+def batch_results(job_id: str) -> str:
+    """Every stored result of a job (a filter)."""
+    return f"{PREFIX}.batch.result.{check_token(job_id, 'job id')}.*"
+
+# Tenant quotas shared by router replicas (router/quotas.py): JetStream KV, memory storage.
+QUOTAS_BUCKET = "sy_quotas"                 # rate.<tenant>: token bucket; slots.<tenant>: streams per router

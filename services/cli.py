@@ -23,13 +23,18 @@ ENGINE_FLAGS = ("device", "dtype", "max_num_seqs", "max_num_batched_tokens", "ma
 def up_config(args):
     """`switchyard up`'s StackConfig: flags win over --config keys, which win over the defaults."""
     return load_config(args.config, engine={k: getattr(args, k) for k in ENGINE_FLAGS}, triton_port=args.triton_port,
+                       http_port=args.http_port,
+                       embedding_workers=args.embedding_workers,
                        workers=args.workers, router_port=args.port, nats_port=args.nats_port,
                        kv_manager_port=args.kv_index_port, worker_base_port=args.worker_base_port,
                        pool_control_port=args.pool_control_port, model=args.model,
                        trace_file=os.path.abspath(args.trace_file) if args.trace_file else None,
                        otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio,
                        gpu_usd_per_hour=args.gpu_usd_per_hour,
-                       pool_config=os.path.abspath(args.pool) if args.pool else None)
+                       pool_config=os.path.abspath(args.pool) if args.pool else None,
+                       tls=True if getattr(args, "tls", False) else None,   # TLS on every hop (common/tls.py)
+                       tls_dir=os.path.abspath(args.tls_dir) if getattr(args, "tls_dir", None) else None,
+                       tls_client_auth=getattr(args, "tls_client_auth", None))
 
 
 def effective_config(args):
@@ -50,7 +55,11 @@ def cmd_up(args) -> int:
             from common.config import render_config
             print(render_config(effective_config(args), args.print_config), end="")
             return 0
-        return run_up(up_config(args), args.workdir, demo=args.demo)
+        cfg = up_config(args)
+        if cfg.auto_tune is None and not args.config and not args.pool:   # `make run`: defaults from the machine
+            from dataclasses import replace
+            cfg = replace(cfg, auto_tune=True)
+        return run_up(cfg, args.workdir, demo=args.demo)
     except (PortInUseError, ValueError, FileNotFoundError) as e:
         print(f"switchyard up: {e}", file=sys.stderr)
         return 2
@@ -79,6 +88,7 @@ def status_dict(router: str, timeout: float = 5.0) -> dict:
         d["logs"] = state.get("logs", "")
         # Per supervised unit: state (up / restarting), restarting_since (epoch s), restarts, last exit code.
         d["services"] = state.get("services", {})
+        d["tuning"] = state.get("tuning")   # defaults chosen from the machine (workers/tuning.py), and why
     except (OSError, ValueError):
         pass
     import grpc
@@ -98,6 +108,11 @@ def cmd_status(args) -> int:
     except grpc.RpcError as e:
         print(f"switchyard status: cannot reach the router at {args.router}: {e.code().name}", file=sys.stderr)
         return 1
+    from services.tenant_cli import tenants_dict
+    try:   # per tenant: usage over the last hour (services/tenant_cli.py)
+        st["tenants"] = tenants_dict(args.router)
+    except grpc.RpcError:   # no admin token with auth required, or an older router: no tenants section
+        pass
     if args.json:
         print(json.dumps(st, indent=1))
         return 0
@@ -111,8 +126,13 @@ def cmd_status(args) -> int:
     if not st["workers"]:
         print("(no workers)")
     print_services(st.get("services", {}))
+    from services.machine_defaults import describe
+    for line in describe(st.get("tuning")):
+        print(("\n" if line.startswith("defaults") else "") + line)
     from services.pool_cli import print_models_table
     print_models_table(args.router, header=True)
+    from services.tenant_cli import print_tenants_table
+    print_tenants_table(st.get("tenants"))
     return 0
 
 
@@ -140,6 +160,7 @@ def cmd_trace(args) -> int:
 
 # `switchyard bench <what>`: the module whose main(argv) runs it (imported only when chosen).
 BENCHES = {
+    "batch": "bench.batch_bench",
     "overhead": "bench.overhead",
     "engine": "bench.engine_bench",
     "tracing": "bench.tracing_overhead",
@@ -147,18 +168,35 @@ BENCHES = {
     "compare": "bench.compare",
     "triton": "bench.triton_overhead",
     "pool": "bench.pool_bench",
+    "tenants": "bench.tenants_bench",
     "lora": "bench.lora_bench",
     "step": "bench.step_bench",
+    "tls": "bench.tls_bench",
+    "chaos": "bench.chaos",
+    "profiles": "bench.profiles",
+    "embed": "bench.embed_bench",
 }
 
 # Commands whose options are their module's own parser: `switchyard <cmd> [...]` -> main(argv).
 PASS_THROUGH = {
+    "tenants": "services.tenant_cli",
+    "batch": "services.batch_cli",
     "eval": "bench.eval",
+    "certs": "services.certs",
 }
 
 
 def cmd_bench(args, rest: list[str]) -> int:
     return importlib.import_module(BENCHES[args.what]).main(rest) or 0
+
+
+def add_tls_client_flags(p: argparse.ArgumentParser) -> None:
+    """A TLS router's CA and a client certificate (mTLS); default: $SWITCHYARD_TLS_CA / _CERT / _KEY,
+    else the local stack's stack.json."""
+    p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA of a TLS router (default: $SWITCHYARD_TLS_CA "
+                                                                "or the local stack's)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate for mTLS")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="its key")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,9 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pool-control-port", type=int, default=None, metavar="P",
                     help="with --pool: the launcher's internal pool service (default: a free one)")
     up.add_argument("--workers", type=int, default=None, help="batcher+worker pairs (default 1)")
+    up.add_argument("--embedding-workers", type=int, default=None, metavar="N",
+                    help="embedding batcher+worker pairs e0.. serving embedding_model for Inference/Embed "
+                         "(default 0; `make run` starts 1)")
     up.add_argument("--model", default=None, help="model name (default smollm2-135m)")
     up.add_argument("--workdir", default=None, help="logs, nats store and stack.json (default: a temp dir, "
                                                     "removed after a clean stop)")
+    up.add_argument("--http-port", type=int, default=None, metavar="P",
+                    help="also serve the OpenAI-compatible HTTP API on port P (0 = any free): /v1/chat/completions, "
+                         "/v1/completions, /v1/embeddings, /v1/models, /v1/files, /v1/batches")
     up.add_argument("--triton-port", type=int, default=None, metavar="P",
                     help="also serve the Triton/KServe v2 gRPC protocol on port P (0 = any free), for tritonclient")
     up.add_argument("--demo", metavar="PROMPT", default=None,
@@ -197,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="USD per GPU-hour of each worker for the cost metrics (config gpu_usd_per_hour)")
     up.add_argument("--print-config", nargs="?", const="toml", choices=["toml", "json"], default=None,
                     help="print the effective configuration (defaults, --config, flags) as TOML (or json) and exit")
+    up.add_argument("--tls", action="store_true", default=None,
+                    help="TLS on every hop, mutual inside, NATS users per service (config tls); development "
+                         "certificates in <workdir>/tls unless --tls-dir / tls_dir (`switchyard certs`)")
+    up.add_argument("--tls-dir", default=None, metavar="DIR", help="certificates from `switchyard certs --out DIR`")
+    up.add_argument("--tls-client-auth", default=None, choices=["none", "required"],
+                    help="front doors: require a client certificate (mTLS; config tls_client_auth)")
     eng = up.add_argument_group("engine (per worker; config [engine] table, which has every EngineConfig key)")
     eng.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     eng.add_argument("--dtype", default=None, choices=DTYPES, help="default auto: bfloat16 on CUDA, float32 on CPU")
@@ -224,10 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--verbose", "-v", action="store_true", help="print usage after the text")
     gen.add_argument("--router", default=default_router())
+    add_tls_client_flags(gen)
 
     st = sub.add_parser("status", help="workers, queue depth, running requests, KV usage")
     st.add_argument("--json", action="store_true")
     st.add_argument("--router", default=default_router())
+    add_tls_client_flags(st)
 
     from services.adapter_cli import add_parsers as add_adapter_parsers
     from services.pool_cli import add_parsers as add_pool_parsers
@@ -260,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in PASS_THROUGH:
         return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:]) or 0
     args = ap.parse_args(argv)
+    if getattr(args, "router", None) and args.cmd != "up":   # TLS to the router: flags, env or stack.json
+        from services.client_tls import configure_client_tls
+        try:
+            configure_client_tls(args.router, getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+                                 getattr(args, "tls_key", None))
+        except ValueError as e:
+            print(f"switchyard {args.cmd}: {e}", file=sys.stderr)
+            return 2
     if args.cmd in ("models", "admin", "adapters"):
         return args.func(args)
     return {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "trace": cmd_trace}[args.cmd](args)

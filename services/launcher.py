@@ -33,6 +33,8 @@ from common import proc
 from common.config import StackConfig, write_config
 from common.ports import check_free, free_port
 from services import nats_server
+from services.embedding_pairs import EmbeddingPairs
+from services.machine_defaults import MachineDefaults
 from services.supervision import Unit
 
 
@@ -48,6 +50,9 @@ class Stack:
         self.log_dir = self.workdir / "logs"
         try:
             self.cfg = self._resolve_ports(cfg)
+            self.cfg = self._resolve_tls(self.cfg)
+            if self.cfg.http_port is not None and not self.cfg.http_files_dir:   # uploads live with the stack
+                self.cfg = replace(self.cfg, http_files_dir=str(self.workdir / "openai-files"))
         except BaseException:   # a port taken: nothing was started, nothing to keep
             self.remove_workdir()
             raise
@@ -57,15 +62,31 @@ class Stack:
         self.router: proc.Child | None = None
         self.workers: list[proc.Child] = []
         self.batchers: list[proc.Child] = []
+        self.embedding = EmbeddingPairs(self)          # embedding worker + batcher pairs e0, e1, ...
         self.worker_ports: list[int] = []
         self.metrics_ports: dict[str, int] = {}   # child name -> its /metrics port (free ones)
         self.triton_front: proc.Child | None = None   # `--triton-port`: services/triton_front.py
+        self.http_front: proc.Child | None = None     # `--http-port`: services/openai_http.py (OpenAI API)
         self.pool = None                               # services/pool.PoolManager when cfg.pool_config
         self.units: dict[str, Unit] = {}               # supervised units by name (after start)
         self.stopping = False
+        # engine threads, token budget and admission window measured at worker 0's start (issue 19)
+        self.machine = MachineDefaults(self.cfg, self.workdir)
         if self.cfg.pool_config:
             from services.pool_setup import make_pool
             self.cfg, self.config_path, self.pool = make_pool(self)
+
+    def _resolve_tls(self, cfg: StackConfig) -> StackConfig:
+        """`tls = true` without certificates: development ones in <workdir>/tls (services/certs.py). The
+        launcher's own TLS (health checks, the model pool's server and NATS client) is set here."""
+        from common import tls
+        if cfg.tls and not cfg.tls_dir and not (cfg.tls_ca and cfg.tls_cert and cfg.tls_key):
+            from services import certs
+            cfg = replace(cfg, tls_dir=str(certs.generate(self.workdir / "tls", hosts=[cfg.host]).resolve()))
+        self.tls = tls.settings_from(cfg, "launcher")
+        if self.tls is not None:
+            tls.configure(self.tls)
+        return cfg
 
     @staticmethod
     def _resolve_ports(cfg: StackConfig) -> StackConfig:
@@ -74,13 +95,15 @@ class Stack:
         pick = lambda p, what: free_port(h) if p == 0 else check_free(p, what, h)  # noqa: E731
         return replace(cfg, router_port=pick(cfg.router_port, "router"), nats_port=pick(cfg.nats_port, "nats"),
                        kv_manager_port=pick(cfg.kv_manager_port, "kv_manager"),
-                       triton_port=None if cfg.triton_port is None else pick(cfg.triton_port, "triton"))
+                       triton_port=None if cfg.triton_port is None else pick(cfg.triton_port, "triton"),
+                       http_port=None if cfg.http_port is None else pick(cfg.http_port, "http"))
 
     @property
     def children(self) -> list[proc.Child]:
         pool = self.pool.children() if self.pool is not None else []
-        return [c for c in [self.nats, self.kv_manager, *self.workers, *self.batchers, *pool, self.router,
-                            self.triton_front] if c]
+        return [c for c in [self.nats, self.kv_manager, *self.workers, *self.batchers, *self.embedding.children(),
+                            *pool, self.router,
+                            self.triton_front, self.http_front] if c]
 
     @property
     def router_address(self) -> str:
@@ -99,7 +122,9 @@ class Stack:
     # One spawner per child, used at start and by the supervisor's restarts (same ports, same args).
     def _spawn_nats(self) -> proc.Child:
         cfg = self.cfg
-        return nats_server.start(cfg.host, cfg.nats_port, self.workdir, cfg.nats_max_payload, self.log_dir)
+        from common import tls
+        return nats_server.start(cfg.host, cfg.nats_port, self.workdir, cfg.nats_max_payload, self.log_dir,
+                                 tls=tls.settings_from(cfg, "nats"))
 
     def _spawn_kv_manager(self) -> proc.Child:
         return proc.spawn("kv_manager", proc.python_module(
@@ -110,7 +135,8 @@ class Stack:
         name = f"worker-{self.worker_id(i)}"
         return proc.spawn(name, proc.python_module(
             "workers.main", "--config", str(self.config_path), "--port", str(self.worker_ports[i]),
-            "--worker-id", self.worker_id(i), *self._metrics_args(name)), self.log_dir)
+            "--worker-id", self.worker_id(i), *self._metrics_args(name)), self.log_dir,
+            env=self.machine.worker_env(measures=i == 0))
 
     def _spawn_batcher(self, i: int) -> proc.Child:
         name = f"batcher-{self.worker_id(i)}"
@@ -118,8 +144,11 @@ class Stack:
             return proc.spawn(name, proc.python_module(
                 "batcher.passthrough_main", "--config", str(self.config_path), "--worker-id", self.worker_id(i),
                 *self._metrics_args(name)), self.log_dir)
+        # With defaults from the machine: once worker 0 has measured them (services/machine_defaults.py).
+        conf = self.machine.batcher_config(self.cfg, self.config_path, self.workers[0].alive,
+                                           self.cfg.startup_timeout_s)
         return proc.spawn(name, proc.python_module(
-            "batcher.main", "--config", str(self.config_path), "--worker-id", self.worker_id(i),
+            "batcher.main", "--config", str(conf), "--worker-id", self.worker_id(i),
             "--worker-addr", f"{self.cfg.host}:{self.worker_ports[i]}", *self._metrics_args(name)), self.log_dir)
 
     def _spawn_router(self) -> proc.Child:
@@ -131,6 +160,11 @@ class Stack:
         return proc.spawn("triton_front", proc.python_module(
             "services.triton_front", "--config", str(self.config_path), "--port", str(self.cfg.triton_port)),
             self.log_dir)
+
+    def _spawn_http_front(self) -> proc.Child:
+        return proc.spawn("http_front", proc.python_module(
+            "services.openai_http", "--config", str(self.config_path), "--port", str(self.cfg.http_port),
+            *self._metrics_args("http_front")), self.log_dir)
 
     def start(self) -> "Stack":
         cfg = self.cfg
@@ -144,15 +178,20 @@ class Stack:
                 self.workers.append(self._spawn_worker(i))
             for i in range(cfg.workers if cfg.backend != "switchyard" else len(self.worker_ports)):
                 self.batchers.append(self._spawn_batcher(i))
+            self.embedding.start()
             self.router = self._spawn_router()
             if cfg.triton_port is not None:
                 self.triton_front = self._spawn_triton_front()
+            if cfg.http_port is not None:
+                self.http_front = self._spawn_http_front()
             self.wait_healthy(cfg.startup_timeout_s)
             if self.pool is not None:   # the catalogue's min_replicas, once the router hears heartbeats
                 self.pool.start(cfg.startup_timeout_s)
                 self.metrics_ports["pool"] = self.pool.metrics_port
             if self.triton_front:
                 self._wait_listening(self.triton_front, cfg.triton_port, 30.0)
+            if self.http_front:
+                self._wait_listening(self.http_front, cfg.http_port, 60.0)
         except BaseException:
             self.stop(drain=False)
             raise
@@ -166,15 +205,20 @@ class Stack:
         for i in range(len(self.batchers)):
             wid = self.worker_id(i)
             units.append(Unit(wid, ([f"worker-{wid}"] if i < len(self.workers) else []) + [f"batcher-{wid}"]))
+        units += [Unit(name, members) for name, members in self.embedding.unit_members().items()]
         units.append(Unit("router", ["router"]))
         if self.triton_front:
             units.append(Unit("triton_front", ["triton_front"]))
+        if self.http_front:
+            units.append(Unit("http_front", ["http_front"]))
         self.units = {u.name: u for u in units}
 
     def _members(self, unit: Unit) -> list[proc.Child]:
-        if unit.name in ("nats", "kv_manager", "router", "triton_front"):
+        if unit.name in ("nats", "kv_manager", "router", "triton_front", "http_front"):
             c = getattr(self, unit.name)
             return [c] if c else []
+        if self.embedding.owns(unit.name):
+            return self.embedding.members(unit.name)
         i = int(unit.name[1:])   # a worker id "w<i>": its worker (if any) and its batcher
         return [*self.workers[i:i + 1], self.batchers[i]]
 
@@ -187,6 +231,10 @@ class Stack:
             self.router = self._spawn_router()
         elif unit.name == "triton_front":
             self.triton_front = self._spawn_triton_front()
+        elif unit.name == "http_front":
+            self.http_front = self._spawn_http_front()
+        elif self.embedding.owns(unit.name):
+            self.embedding.respawn(unit.name)
         else:
             i = int(unit.name[1:])
             if i < len(self.workers):   # the worker first: its batcher waits for it
@@ -255,7 +303,10 @@ class Stack:
         from protos.switchyard.v1 import inference_pb2_grpc, kv_index_pb2
 
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.router_address) as ch:
+        from common import rpc, tls
+        creds = tls.channel_credentials(self.tls) if self.tls is not None else None   # this stack's, not the process's
+        with (grpc.secure_channel(self.router_address, creds, options=rpc.options()) if creds is not None
+              else grpc.insecure_channel(self.router_address)) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             admin = inference_pb2_grpc.AdminStub(ch)
             while True:
@@ -267,7 +318,7 @@ class Stack:
                     h = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if h.status == health_pb2.HealthCheckResponse.SERVING:
                         st = admin.Status(kv_index_pb2.StatusRequest(), timeout=2.0)
-                        if sum(1 for w in st.workers if w.healthy) >= self.cfg.workers:
+                        if sum(1 for w in st.workers if w.healthy) >= self.cfg.workers + self.embedding.count:
                             return
                 except grpc.RpcError:
                     pass
@@ -282,11 +333,16 @@ class Stack:
                  "workers": {self.worker_id(i): {"worker_pid": w.pid, "batcher_pid": b.pid,
                                                  "port": self.worker_ports[i]}
                              for i, (w, b) in enumerate(zip(self.workers, self.batchers))},
+                 "embedding_workers": self.embedding.snapshot(),
                  "metrics": self.metrics_endpoints(),
                  "triton": f"{self.cfg.host}:{self.cfg.triton_port}" if self.cfg.triton_port is not None else "",
+                 "http": (f"{'https' if self.cfg.tls else 'http'}://{self.cfg.host}:{self.cfg.http_port}/v1"
+                          if self.cfg.http_port is not None else ""),
                  "trace_file": self.cfg.trace_file, "otlp_endpoint": self.cfg.otlp_endpoint,
+                 "tls": self.tls_state(),
                  "services": {name: {**u.snapshot(), "pids": {c.name: c.pid for c in self._members(u)}}
                               for name, u in self.units.items()}}
+        state["tuning"] = self.machine.state()   # defaults chosen from the machine, and why
         if self.pool is not None:
             state["pool"] = {"control": f"{self.cfg.host}:{self.cfg.pool_control_port}", **self.pool.snapshot()}
         text = json.dumps(state, indent=1)
@@ -295,6 +351,19 @@ class Stack:
         pointer = state_pointer(self.router_address)
         pointer.parent.mkdir(parents=True, exist_ok=True)
         pointer.write_text(text)
+
+    def tls_state(self) -> dict:
+        """stack.json's "tls": what a local client needs (services/client_tls.py configure_client_tls): the
+        CA, and the CLI's client certificate when tls_dir has one; {} without TLS."""
+        if self.tls is None:
+            return {}
+        from common import tls
+        d = Path(self.cfg.tls_dir) if self.cfg.tls_dir else None
+        cli = d / tls.client_cert_name(tls.CLI_CLIENT) if d else None
+        has_cli = cli is not None and cli.with_suffix(".pem").exists()
+        return {"ca": self.tls.ca_path, "client_auth": self.cfg.tls_client_auth,
+                "client_cert": str(cli.with_suffix(".pem")) if has_cli else "",
+                "client_key": str(cli.parent / (cli.name + "-key.pem")) if has_cli else ""}
 
     def metrics_endpoints(self) -> dict[str, str]:
         """Child name -> host:port of its Prometheus /metrics."""
@@ -307,11 +376,14 @@ class Stack:
         grace = self.cfg.drain_grace_s if drain else 0.5
         if self.triton_front:   # a client of the router: stops first
             self.triton_front.stop(5.0)
+        if self.http_front:     # likewise (open streams get the drain grace)
+            self.http_front.stop(grace + 5.0 if drain else 2.0)
         if self.router:
             self.router.stop(grace + 5.0)
         if self.pool is not None:
             self.pool.stop(drain)
         proc.stop_all(self.batchers, grace + 5.0 if drain else 2.0)
+        self.embedding.stop(grace + 5.0 if drain else 2.0)
         proc.stop_all(self.workers, 5.0)
         proc.stop_all([c for c in (self.kv_manager,) if c], 5.0)
         if self.nats:
@@ -383,6 +455,8 @@ def run_up(cfg: StackConfig, workdir: str | None = None, out=sys.stdout, demo: s
     print(f"switchyard: router listening on {stack.router_address}", file=out, flush=True)
     if cfg.triton_port is not None:
         print(f"switchyard: Triton gRPC protocol on {cfg.host}:{stack.cfg.triton_port}", file=out, flush=True)
+    if stack.cfg.http_port is not None:
+        print(f"switchyard: OpenAI-compatible API on http://{cfg.host}:{stack.cfg.http_port}/v1", file=out, flush=True)
     print("switchyard: metrics " + " ".join(f"{n}=http://{a}/metrics" for n, a in stack.metrics_endpoints().items()),
           file=out, flush=True)
     if cfg.trace_file or cfg.otlp_endpoint:

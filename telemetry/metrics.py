@@ -30,6 +30,7 @@ E2E = "switchyard_e2e_request_latency_seconds"
 REQUESTS = "switchyard_requests"                       # _total{model,worker,priority,finish_reason}
 REQUEST_ERRORS = "switchyard_request_errors"           # _total{model,code}
 ROUTER_IN_FLIGHT = "switchyard_router_in_flight_requests"
+ROUTER_MIGRATIONS = "switchyard_router_migrations"      # _total{reason}: streams moved to another replica
 GENAI_TTFT = "gen_ai_server_time_to_first_token_seconds"
 GENAI_TPOT = "gen_ai_server_time_per_output_token_seconds"
 GENAI_DURATION = "gen_ai_server_request_duration_seconds"
@@ -67,6 +68,15 @@ MODEL_STATE = "switchyard_model_state"                        # {model,state} 1 
 MODEL_LOADS = "switchyard_model_loads"                        # _total{model,outcome}
 MODEL_LOAD_TIME = "switchyard_model_load_seconds"             # start of a replica -> first healthy heartbeat
 MODEL_EVICTIONS = "switchyard_model_evictions"                # _total{model}: LRU evictions for room
+# tenants (router/tenancy.py; issue 17)
+TENANT_REQUESTS = "switchyard_tenant_requests"                # _total{tenant,service_class}: admitted
+TENANT_TOKENS = "switchyard_tenant_tokens"                    # _total{tenant,direction}: input | output
+TENANT_REJECTIONS = "switchyard_tenant_rejections"            # _total{tenant,reason}
+TENANT_QUEUE_TIME = "switchyard_tenant_queue_time_seconds"    # {tenant}: batcher queue time
+TENANT_COST = "switchyard_tenant_cost_usd"                    # _total{tenant,basis}: gpu | api
+TENANT_STREAMS = "switchyard_tenant_open_streams"             # {tenant}: on this router
+# fair shares (batcher/scheduler.py; issue 17): tokens the batcher scheduled per tenant
+TENANT_PROCESSED_TOKENS = "switchyard_batcher_tenant_processed_tokens"   # _total{model,worker,tenant,phase}
 
 GENAI_OTEL_NAMES = {GENAI_TTFT: "gen_ai.server.time_to_first_token",
                     GENAI_TPOT: "gen_ai.server.time_per_output_token",
@@ -133,6 +143,8 @@ class RouterMetrics:
         self.errors = Counter(REQUEST_ERRORS, "Generate requests that ended with a gRPC error, by status code",
                               ("model", "code"), registry=r)
         self.in_flight = Gauge(ROUTER_IN_FLIGHT, "Open Generate streams", registry=r)
+        self.migrations = Counter(ROUTER_MIGRATIONS, "Streams moved to another replica mid-request, by reason "
+                                  "(worker_lost, worker_hung, heartbeat, unavailable)", ("reason",), registry=r)
         self.genai_ttft = Histogram(GENAI_TTFT, "gen_ai.server.time_to_first_token", GENAI_LABELS, registry=r,
                                     buckets=TTFT_BUCKETS)
         self.genai_tpot = Histogram(GENAI_TPOT, "gen_ai.server.time_per_output_token", GENAI_LABELS, registry=r,
@@ -254,6 +266,9 @@ class BatcherMetrics:
         self.prompt_tokens = Counter(PROMPT_TOKENS, "Prompt tokens admitted", WLABELS, registry=r)
         self.generation_tokens = Counter(GENERATION_TOKENS, "Tokens generated", WLABELS, registry=r)
         self.preemptions = Counter(PREEMPTIONS, "Requests preempted (recompute)", WLABELS, registry=r)
+        self.tenant_tokens = Counter(TENANT_PROCESSED_TOKENS, "Tokens scheduled per tenant (the fair-share "
+                                     "counters' input), phase prefill | decode", WLABELS + ("tenant", "phase"),
+                                     registry=r)
         self.rejections = Counter(REJECTIONS, "Requests rejected by the batcher, by reason",
                                   WLABELS + ("reason",), registry=r)
         self.finished = Counter(BATCHER_FINISHED, "Requests finished by the batcher",
@@ -325,6 +340,13 @@ class BatcherMetrics:
             if value > last:
                 counter.labels(*lab).inc(value - last)
             self._last[name] = value   # a smaller value: the core was rebuilt, count from there
+        for tenant, t in getattr(s, "tenants", {}).items():   # per tenant (batcher/scheduler.py tenant_tokens)
+            for phase, value in (("prefill", t.prefill_tokens), ("decode", t.decode_tokens)):
+                key = f"t:{tenant}:{phase}"
+                last = self._last.get(key, 0)
+                if value > last:
+                    self.tenant_tokens.labels(*lab, tenant, phase).inc(value - last)
+                self._last[key] = value
         per_1k = self.cost.per_1k_tokens(s.generation_tokens_total)
         if not math.isnan(per_1k):
             self.cost_per_1k.labels(*lab).set(per_1k)
@@ -360,6 +382,37 @@ class KvIndexMetrics:
         self.workers = Gauge(KV_INDEX_WORKERS, "Workers the KV index hears from", registry=registry)
 
 
+
+class TenantMetrics:
+    """Per-tenant accounting at the router (router/tenancy.py): O(1) per request event."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        r = registry
+        self.requests = Counter(TENANT_REQUESTS, "Generate requests admitted, per tenant and service class",
+                                ("tenant", "service_class"), registry=r)
+        self.tokens = Counter(TENANT_TOKENS, "Tokens per tenant: input (prompt) and output (generated)",
+                              ("tenant", "direction"), registry=r)
+        self.rejections = Counter(TENANT_REJECTIONS, "Requests refused per tenant, by reason (unauthenticated, "
+                                  "permission, tokens_per_minute, max_streams, max_queued, max_tokens)",
+                                  ("tenant", "reason"), registry=r)
+        self.queue_time = Histogram(TENANT_QUEUE_TIME, "Time a tenant's requests waited in the batcher queue "
+                                    "(Usage.queue_ms)", ("tenant",), registry=r, buckets=TTFT_BUCKETS)
+        self.cost = Counter(TENANT_COST, "USD per tenant: at the configured GPU price (gpu) and at the "
+                            "configured API token prices (api)", ("tenant", "basis"), registry=r)
+        self.streams = Gauge(TENANT_STREAMS, "Open Generate streams per tenant on this router", ("tenant",),
+                             registry=r)
+
+
+# -- embeddings (batcher/embedding_batcher.py, issue 20)
+EMBED_REQUESTS = "switchyard_embed_requests"              # _total{model,worker}: Embed requests answered
+EMBED_TEXTS = "switchyard_embed_texts"                    # _total{model,worker}: texts embedded
+EMBED_TOKENS = "switchyard_embed_tokens"                  # _total{model,worker}: their tokens
+EMBED_FORWARD = "switchyard_embed_forward_seconds"        # {model,worker}: one packed EmbedBatch round trip
+EMBED_FORWARD_TEXTS = "switchyard_embed_forward_texts"    # {model,worker}: texts per packed forward
+EMBED_QUEUE_TIME = "switchyard_embed_queue_time_seconds"  # {model,worker}: admitted -> first text sent
+EMBED_QUEUED_TOKENS = "switchyard_embed_queued_tokens"    # {model,worker}: tokens waiting for a forward
+
+
 ALL_NAMES = frozenset(v for k, v in dict(globals()).items()
                       if k.isupper() and isinstance(v, str) and v.startswith(("switchyard_", "gen_ai_")))
 
@@ -384,3 +437,38 @@ def serve(port: int | None, host: str = "127.0.0.1", registry: CollectorRegistry
             logging.getLogger("switchyard.metrics").warning(
                 "/metrics port %d unavailable (%s); serving on %d instead", port, e, server.server_port)
     return server.server_port
+
+
+# -- durable bulk jobs (router/batch_runner.py, issue 20)
+BATCH_ITEMS = "switchyard_batch_items"            # _total{state}: item results stored (completed, failed, ...)
+BATCH_RETRIES = "switchyard_batch_item_retries"   # _total{code}: item attempts nak'ed for another try
+BATCH_IN_FLIGHT = "switchyard_batch_items_in_flight"
+
+
+class BatchMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        r = registry
+        self.items = Counter(BATCH_ITEMS, "Bulk-job item results stored, by state (completed, failed, cancelled, "
+                             "dead_letter)", ("state",), registry=r)
+        self.retries = Counter(BATCH_RETRIES, "Bulk-job item attempts retried later, by gRPC status",
+                               ("code",), registry=r)
+        self.in_flight = Gauge(BATCH_IN_FLIGHT, "Bulk-job items the router's runner is running now", registry=r)
+
+
+class EmbeddingMetrics:
+    """The embedding batcher's metrics (O(1) per forward and per request)."""
+
+    def __init__(self, model: str, worker: str, registry: CollectorRegistry = REGISTRY):
+        r, labels = registry, ("model", "worker")
+        self.requests = Counter(EMBED_REQUESTS, "Embed requests answered", labels, registry=r).labels(model, worker)
+        self.texts = Counter(EMBED_TEXTS, "Texts embedded", labels, registry=r).labels(model, worker)
+        self.tokens = Counter(EMBED_TOKENS, "Tokens of the texts embedded", labels, registry=r).labels(model, worker)
+        self.forward = Histogram(EMBED_FORWARD, "One packed Worker/EmbedBatch call, seconds", labels, registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)).labels(model, worker)
+        self.forward_texts = Histogram(EMBED_FORWARD_TEXTS, "Texts per packed forward", labels, registry=r,
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)).labels(model, worker)
+        self.queue_time = Histogram(EMBED_QUEUE_TIME, "Embed request admitted -> its first text sent to the worker",
+                                    labels, registry=r,
+                                    buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 5)).labels(model, worker)
+        self.queued_tokens = Gauge(EMBED_QUEUED_TOKENS, "Tokens waiting for a forward", labels,
+                                   registry=r).labels(model, worker)
