@@ -248,13 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=10.0, help="seconds between A's first refusal and measuring")
     ap.add_argument("--backlog-depth", type=int, default=4, help="outstanding requests per weight unit (phase 3)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the step token budget (also the prefill chunk): smaller keeps A's long prefills from "
+                         "holding a step (default: the engine's)")
     ap.add_argument("--json", default="benchmarks/results/tenants.json", metavar="PATH")
     args = ap.parse_args(argv)
 
     from bench.common import local_stack, machine_info, stack_config, write_json
     MODEL["name"] = args.model
     cfg = stack_config(args.model, workers=1, auth="required", tenants=tenants_table(args.a_tpm), device=args.device,
-                       max_num_seqs=args.max_num_seqs, max_model_len=2048)
+                       max_num_seqs=args.max_num_seqs, max_model_len=2048,
+                       engine={"max_num_batched_tokens": args.max_num_batched_tokens})
     with local_stack(cfg) as stack:
         result = asyncio.run(run(args, stack.router_address, stack.metrics_endpoints()))
     result["machine"] = machine_info(args.device)
