@@ -23,18 +23,11 @@ import numpy as np
 
 from common import subjects
 from protos.switchyard.v1 import bus_pb2, inference_pb2
-from router.validation import RequestError, invalid
+from router.validation import CHUNK_ERROR_STATUS, RequestError, invalid
 from workers.engine.embedding_loader import EMBEDDING_KIND, canonical_name, load_embedding_tokenizer
 
 log = logging.getLogger("switchyard.router.embeddings")
 
-CHUNK_CODES = {
-    bus_pb2.CHUNK_ERROR_QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    bus_pb2.CHUNK_ERROR_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    bus_pb2.CHUNK_ERROR_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
-    bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-}
 WORKER_CHECK_S = 1.0    # while waiting for the answer: how often to check the worker is still there
 VECTOR_BYTES = 384 * 4 + 16   # one all-MiniLM-L6-v2 vector in the answer chunk (float32), with some room
 
@@ -138,7 +131,7 @@ async def embed(router, request: inference_pb2.EmbedRequest, context: grpc.aio.S
         await context.abort(e.code, e.message)
         return
     if chunk.error:
-        code = CHUNK_CODES.get(chunk.error, grpc.StatusCode.INTERNAL)
+        code = CHUNK_ERROR_STATUS.get(chunk.error, grpc.StatusCode.INTERNAL)
         router.metrics.errors.labels(model, code.name).inc()
         trailers = (("retry-after-ms", str(chunk.retry_after_ms or 100)),) \
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()

@@ -35,6 +35,7 @@ from router.adapter_control import AdapterControl
 from router.adapter_registry import AdapterRegistry
 from router.recent_prefixes import RecentPrefixes, merge_matches
 from router.validation import (
+    CHUNK_ERROR_STATUS,
     RequestError,
     check_bus_size,
     check_input,
@@ -50,14 +51,6 @@ from workers.step_codec import sampling_to_proto
 
 log = logging.getLogger("switchyard.router")
 
-_ERROR_CODES = {
-    bus_pb2.CHUNK_ERROR_QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    bus_pb2.CHUNK_ERROR_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    bus_pb2.CHUNK_ERROR_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
-    bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    bus_pb2.CHUNK_ERROR_DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,   # queued past its deadline (batcher)
-}
 MATCH_TIMEOUT_S = 0.25   # KV locality is a hint: route on load alone rather than wait longer
 MAX_REROUTES = 3         # a pool request refused before its first token (replica unloading) tries this many others
 FALLBACK_MODEL_LEN = 131072   # the context assumed for size limits before any worker reported its own
@@ -461,7 +454,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
                         continue
                 if chunk.error:
                     finished, held = True, False  # rejected or failed: the batcher holds nothing
-                    code = _ERROR_CODES.get(chunk.error, grpc.StatusCode.INTERNAL)
+                    code = CHUNK_ERROR_STATUS.get(chunk.error, grpc.StatusCode.INTERNAL)
                     error_code = code.name
                     trailers = (("retry-after-ms", str(chunk.retry_after_ms or 100)),) \
                         if code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()

@@ -11,13 +11,25 @@ from dataclasses import dataclass
 import grpc
 
 from common import subjects
-from protos.switchyard.v1 import inference_pb2
+from protos.switchyard.v1 import bus_pb2, inference_pb2
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
 from workers.step_codec import sampling_from_proto
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 PRIORITY_RANGE = (-100, 100)
+
+
+# A batcher's error chunk (TokenChunk.error) as the gRPC status the client gets: one table for
+# every RPC the router relays (Generate, Embed).
+CHUNK_ERROR_STATUS = {
+    bus_pb2.CHUNK_ERROR_QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    bus_pb2.CHUNK_ERROR_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    bus_pb2.CHUNK_ERROR_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    bus_pb2.CHUNK_ERROR_INTERNAL: grpc.StatusCode.INTERNAL,
+    bus_pb2.CHUNK_ERROR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    bus_pb2.CHUNK_ERROR_DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,   # queued past its deadline (batcher)
+}
 
 
 class RequestError(Exception):

@@ -11,7 +11,7 @@ import grpc
 
 from common import subjects
 from protos.switchyard.v1 import bus_pb2
-from router.service import _ERROR_CODES
+from router.validation import CHUNK_ERROR_STATUS
 from tests.test_nats_edge import FakeNats, W, engine_batcher, request
 
 
@@ -30,7 +30,7 @@ def test_a_request_queued_past_its_deadline_is_dropped_with_deadline_exceeded():
         await worker.step_sent()                       # the loop went round: expired requests were dropped
         [chunk] = nc.chunks("late")
         assert chunk.error == bus_pb2.CHUNK_ERROR_DEADLINE and chunk.error_reason == "deadline"
-        assert _ERROR_CODES[chunk.error] == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert CHUNK_ERROR_STATUS[chunk.error] == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "late" not in b.edge.streams and "late" not in b.core.scheduler.requests
         assert b.core.scheduler.num_waiting == 0 and b.core.stats().num_deadline_drops == 1
         assert all(not nc.chunks(f"r{i}")[0].error for i in range(4))   # the running ones go on
