@@ -51,6 +51,9 @@ class RequestOutput:
     queue_ms: float = 0.0                # set on the finishing output
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    spec_proposed: int = 0               # set on the finishing output: drafts verified, accepted, and the
+    spec_accepted: int = 0               # request's decode steps (Usage.spec_proposed_tokens, ...)
+    decode_steps: int = 0
 
 
 @dataclass

@@ -68,6 +68,10 @@ class Request:
     tenant_weight: float = 1.0         # its share of the worker relative to other tenants' weights
     service_class: str = "interactive"  # interactive (deadline-driven) | batch (fills idle capacity)
     deadline_unix_ms: int = 0          # 0: none; still waiting past it -> dropped (CHUNK_ERROR_DEADLINE)
+    # speculative decoding (batcher/spec_policy.py): drafts verified and accepted, decode steps taken
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+    num_decode_steps: int = 0
     times: RequestTimes = field(default_factory=RequestTimes)
 
     @property

@@ -69,7 +69,11 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepPlan:
             n.adapter_id = r.adapter_id
     add = pb.running.add
     for r in plan.running:
-        add(request_id=r.request_id, num_new_tokens=r.num_new_tokens, new_block_ids=r.new_block_ids)
+        if r.num_spec_tokens:
+            add(request_id=r.request_id, num_new_tokens=r.num_new_tokens, new_block_ids=r.new_block_ids,
+                num_spec_tokens=r.num_spec_tokens, draft_token_ids=r.draft_token_ids)
+        else:
+            add(request_id=r.request_id, num_new_tokens=r.num_new_tokens, new_block_ids=r.new_block_ids)
     return pb
 
 
@@ -83,7 +87,8 @@ def plan_from_proto(pb: worker_pb2.StepPlan) -> StepPlan:
                 block_ids=list(n.block_ids), sampling=sampling_from_proto(n.sampling), seed=n.seed,
                 adapter_id=n.adapter_id if n.HasField("adapter_id") else None)
             for n in pb.new_requests],
-        running=[RunningRequestPlan(r.request_id, r.num_new_tokens, list(r.new_block_ids)) for r in pb.running],
+        running=[RunningRequestPlan(r.request_id, r.num_new_tokens, list(r.new_block_ids), r.num_spec_tokens,
+                                    list(r.draft_token_ids)) for r in pb.running],
         finished_ids=list(pb.finished_ids),
     )
 
@@ -91,7 +96,8 @@ def plan_from_proto(pb: worker_pb2.StepPlan) -> StepPlan:
 # ---- result ------------------------------------------------------------------------------------
 def result_to_proto(res: StepResult) -> worker_pb2.StepResult:
     pb = worker_pb2.StepResult(step_id=res.step_id, request_ids=res.request_ids, token_ids=res.token_ids,
-                               execute_ms=res.execute_ms)
+                               execute_ms=res.execute_ms, num_emitted=res.num_emitted,
+                               num_drafted=res.num_drafted, draft_ms=res.draft_ms)
     if res.logprobs is not None:
         pb.has_logprobs = True
         pb.logprobs.extend(res.logprobs)
@@ -100,4 +106,5 @@ def result_to_proto(res: StepResult) -> worker_pb2.StepResult:
 
 def result_from_proto(pb: worker_pb2.StepResult) -> StepResult:
     return StepResult(step_id=pb.step_id, request_ids=list(pb.request_ids), token_ids=list(pb.token_ids),
-                      logprobs=list(pb.logprobs) if pb.has_logprobs else None, execute_ms=pb.execute_ms)
+                      logprobs=list(pb.logprobs) if pb.has_logprobs else None, execute_ms=pb.execute_ms,
+                      num_emitted=list(pb.num_emitted), num_drafted=list(pb.num_drafted), draft_ms=pb.draft_ms)

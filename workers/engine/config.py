@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 LORA_MODES = ("auto", "triton", "sgmv", "bmm", "bgmv")
+# Speculative decoding methods: model-free ones are proposed by the batcher (batcher/prompt_lookup.py,
+# suffix_cache.py; "ngram" tries prompt lookup, then the suffix cache), model ones by the worker
+# (workers/engine/draft_model.py). Verification is the worker's (workers/engine/rejection_sampler.py).
+SPEC_METHODS = ("off", "prompt_lookup", "suffix", "ngram", "self_draft", "draft_model")
+MODEL_FREE_SPEC_METHODS = ("prompt_lookup", "suffix", "ngram")
 
 
 @dataclass
@@ -62,6 +67,14 @@ class EngineConfig:
     block_weights: bool = True
     block_weights_max_rows: int = 16
     lora_mode: str = "auto"             # auto | sgmv (segment per adapter) | bmm (padded per adapter) | bgmv (gather per token)
+    # Speculative decoding (docs/architecture.md "Speculative decoding"): SPEC_METHODS above.
+    speculative_method: str = "off"
+    num_speculative_tokens: int = 4     # k: the most draft tokens per request per step
+    speculative_adaptive: bool = True   # k and on/off per request per step from measured acceptance and
+                                        # step times (batcher/spec_policy.py); False: always k when drafts exist
+    self_draft_layers: int = 0          # self_draft: the target's first N layers + its head (0: a quarter)
+    draft_model: str | None = None      # draft_model: built-in name, HF folder or GGUF (the target's tokenizer)
+    draft_random_weights: str | None = None   # draft_model with random weights of a named shape (GPU speed runs)
 
     def __post_init__(self) -> None:
         if self.lora_adapters is None:   # a config file's `lora_adapters = null`
@@ -70,3 +83,9 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode {self.lora_mode!r}: choose one of {', '.join(LORA_MODES)}")
+        if self.speculative_method not in SPEC_METHODS:
+            raise ValueError(f"speculative_method {self.speculative_method!r}: choose one of {', '.join(SPEC_METHODS)}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens {self.num_speculative_tokens}: between 1 and 16")
+        if self.speculative_method == "draft_model" and not (self.draft_model or self.draft_random_weights):
+            raise ValueError("speculative_method = \"draft_model\" needs draft_model (a model name or path)")

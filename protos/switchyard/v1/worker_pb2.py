@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.switchyard.v1 import common_pb2 as protos_dot_switchyard_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/switchyard/v1/worker.proto\x12\rswitchyard.v1\x1a!protos/switchyard/v1/common.proto\"\x81\x02\n\x0eNewRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12/\n\x08sampling\x18\x07 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x17\n\nadapter_id\x18\t \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_adapter_id\"W\n\x12RunningRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0enum_new_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\"\xbe\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x33\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1d.switchyard.v1.NewRequestPlan\x12\x32\n\x07running\x18\x03 \x03(\x0b\x32!.switchyard.v1.RunningRequestPlan\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\r\n\x05links\x18\x06 \x03(\t\"\x81\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0chas_logprobs\x18\x04 \x01(\x08\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x12\n\nexecute_ms\x18\x06 \x01(\x01\"\x0f\n\rHealthRequest\"\x8b\x01\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x07 \x03(\t\"2\n\x14WorkerAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\":\n\x12WorkerAdapterReply\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\x12\x12\n\nhost_bytes\x18\x02 \x01(\x04\"7\n\x11\x45mbedBatchRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"C\n\x0f\x45mbedBatchReply\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nexecute_ms\x18\x03 \x01(\x01\x32\x8b\x03\n\x06Worker\x12>\n\x04Step\x12\x17.switchyard.v1.StepPlan\x1a\x19.switchyard.v1.StepResult(\x01\x30\x01\x12\x41\n\x06Health\x12\x1c.switchyard.v1.HealthRequest\x1a\x19.switchyard.v1.WorkerInfo\x12U\n\x0bLoadAdapter\x12#.switchyard.v1.WorkerAdapterRequest\x1a!.switchyard.v1.WorkerAdapterReply\x12W\n\rUnloadAdapter\x12#.switchyard.v1.WorkerAdapterRequest\x1a!.switchyard.v1.WorkerAdapterReply\x12N\n\nEmbedBatch\x12 .switchyard.v1.EmbedBatchRequest\x1a\x1e.switchyard.v1.EmbedBatchReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/switchyard/v1/worker.proto\x12\rswitchyard.v1\x1a!protos/switchyard/v1/common.proto\"\x81\x02\n\x0eNewRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x05 \x01(\r\x12\x11\n\tblock_ids\x18\x06 \x03(\r\x12/\n\x08sampling\x18\x07 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x17\n\nadapter_id\x18\t \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_adapter_id\"\x89\x01\n\x12RunningRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0enum_new_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_block_ids\x18\x03 \x03(\r\x12\x17\n\x0fnum_spec_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\r\"\xbe\x01\n\x08StepPlan\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x33\n\x0cnew_requests\x18\x02 \x03(\x0b\x32\x1d.switchyard.v1.NewRequestPlan\x12\x32\n\x07running\x18\x03 \x03(\x0b\x32!.switchyard.v1.RunningRequestPlan\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\r\n\x05links\x18\x06 \x03(\t\"\xbd\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x14\n\x0chas_logprobs\x18\x04 \x01(\x08\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x12\n\nexecute_ms\x18\x06 \x01(\x01\x12\x13\n\x0bnum_emitted\x18\x07 \x03(\r\x12\x13\n\x0bnum_drafted\x18\x08 \x03(\r\x12\x10\n\x08\x64raft_ms\x18\t \x01(\x01\"\x0f\n\rHealthRequest\"\x8b\x01\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08\x61\x64\x61pters\x18\x07 \x03(\t\"2\n\x14WorkerAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\":\n\x12WorkerAdapterReply\x12\x10\n\x08\x61\x64\x61pters\x18\x01 \x03(\t\x12\x12\n\nhost_bytes\x18\x02 \x01(\x04\"7\n\x11\x45mbedBatchRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07lengths\x18\x02 \x03(\r\"C\n\x0f\x45mbedBatchReply\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x12\n\nexecute_ms\x18\x03 \x01(\x01\x32\x8b\x03\n\x06Worker\x12>\n\x04Step\x12\x17.switchyard.v1.StepPlan\x1a\x19.switchyard.v1.StepResult(\x01\x30\x01\x12\x41\n\x06Health\x12\x1c.switchyard.v1.HealthRequest\x1a\x19.switchyard.v1.WorkerInfo\x12U\n\x0bLoadAdapter\x12#.switchyard.v1.WorkerAdapterRequest\x1a!.switchyard.v1.WorkerAdapterReply\x12W\n\rUnloadAdapter\x12#.switchyard.v1.WorkerAdapterRequest\x1a!.switchyard.v1.WorkerAdapterReply\x12N\n\nEmbedBatch\x12 .switchyard.v1.EmbedBatchRequest\x1a\x1e.switchyard.v1.EmbedBatchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NEWREQUESTPLAN']._serialized_start=88
   _globals['_NEWREQUESTPLAN']._serialized_end=345
-  _globals['_RUNNINGREQUESTPLAN']._serialized_start=347
-  _globals['_RUNNINGREQUESTPLAN']._serialized_end=434
-  _globals['_STEPPLAN']._serialized_start=437
-  _globals['_STEPPLAN']._serialized_end=627
-  _globals['_STEPRESULT']._serialized_start=630
-  _globals['_STEPRESULT']._serialized_end=759
-  _globals['_HEALTHREQUEST']._serialized_start=761
-  _globals['_HEALTHREQUEST']._serialized_end=776
-  _globals['_WORKERINFO']._serialized_start=779
-  _globals['_WORKERINFO']._serialized_end=918
-  _globals['_WORKERADAPTERREQUEST']._serialized_start=920
-  _globals['_WORKERADAPTERREQUEST']._serialized_end=970
-  _globals['_WORKERADAPTERREPLY']._serialized_start=972
-  _globals['_WORKERADAPTERREPLY']._serialized_end=1030
-  _globals['_EMBEDBATCHREQUEST']._serialized_start=1032
-  _globals['_EMBEDBATCHREQUEST']._serialized_end=1087
-  _globals['_EMBEDBATCHREPLY']._serialized_start=1089
-  _globals['_EMBEDBATCHREPLY']._serialized_end=1156
-  _globals['_WORKER']._serialized_start=1159
-  _globals['_WORKER']._serialized_end=1554
+  _globals['_RUNNINGREQUESTPLAN']._serialized_start=348
+  _globals['_RUNNINGREQUESTPLAN']._serialized_end=485
+  _globals['_STEPPLAN']._serialized_start=488
+  _globals['_STEPPLAN']._serialized_end=678
+  _globals['_STEPRESULT']._serialized_start=681
+  _globals['_STEPRESULT']._serialized_end=870
+  _globals['_HEALTHREQUEST']._serialized_start=872
+  _globals['_HEALTHREQUEST']._serialized_end=887
+  _globals['_WORKERINFO']._serialized_start=890
+  _globals['_WORKERINFO']._serialized_end=1029
+  _globals['_WORKERADAPTERREQUEST']._serialized_start=1031
+  _globals['_WORKERADAPTERREQUEST']._serialized_end=1081
+  _globals['_WORKERADAPTERREPLY']._serialized_start=1083
+  _globals['_WORKERADAPTERREPLY']._serialized_end=1141
+  _globals['_EMBEDBATCHREQUEST']._serialized_start=1143
+  _globals['_EMBEDBATCHREQUEST']._serialized_end=1198
+  _globals['_EMBEDBATCHREPLY']._serialized_start=1200
+  _globals['_EMBEDBATCHREPLY']._serialized_end=1267
+  _globals['_WORKER']._serialized_start=1270
+  _globals['_WORKER']._serialized_end=1665
 # @@protoc_insertion_point(module_scope)
