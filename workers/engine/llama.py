@@ -201,11 +201,26 @@ class LlamaForCausalLM(nn.Module):
             h = layer(h, cos, sin, attn_meta, kv, lora)
         return self.model.norm(h)
 
-    def _forward_fused(self, h, cos, sin, meta, kv_caches, lora) -> torch.Tensor:
+    def forward_first_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
+                             kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_layers: int) -> torch.Tensor:
+        """Layers 0..num_layers-1 then the final norm: hidden [T, H] for compute_logits. A self-draft
+        (workers/engine/draft_model.py): the target's early layers and its head, writing the KV of
+        those layers only (kv_caches[:num_layers])."""
+        h = F.embedding(input_ids, self.model.embed_tokens.weight)
+        cos, sin = self.rotary_emb(positions, h.dtype)
+        layers = self.model.layers[:num_layers]
+        if self.fused_cpu_ops and h.dtype == torch.float32 and h.device.type == "cpu":
+            return self._forward_fused(h, cos, sin, attn_meta, kv_caches, None, layers)
+        for layer, kv in zip(layers, kv_caches):
+            h = layer(h, cos, sin, attn_meta, kv)
+        return self.model.norm(h)
+
+    def _forward_fused(self, h, cos, sin, meta, kv_caches, lora, layers=None) -> torch.Tensor:
         """The same layers with every residual add fused into the RMSNorm that follows it (the next
-        layer's input norm, or the final norm): one op instead of two per add."""
+        layer's input norm, or the final norm): one op instead of two per add. `layers`: a leading
+        slice of the model's layers (forward_first_layers), all of them when None."""
         add_norm = torch.ops.switchyard.add_rms_norm
-        layers = self.model.layers
+        layers = self.model.layers if layers is None else layers
         x = layers[0].input_layernorm(h)
         for i, (layer, kv) in enumerate(zip(layers, kv_caches)):
             post = layer.post_attention_layernorm
