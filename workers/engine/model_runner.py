@@ -3,6 +3,13 @@
 Per step: forget finished ids, register new requests, lay the scheduled tokens out as one flat
 batch (prefill chunks first, then one token per decoding request), run one forward, and sample
 one token for every request whose chunk reached its last known token.
+
+Speculation: a speculating request's segment is its decode token then its m draft tokens (the
+batcher's, or the draft model's), laid out like a prefill chunk with prior context. The target's
+distribution at each of the 1 + m positions verifies the drafts (rejection_sampler.verify_logits);
+the request emits the accepted drafts plus one token, and its KV rolls back to them: num_computed
+drops to the accepted tokens and its block table row to the blocks they need (the KV written for
+rejected drafts lies past the context length, where nothing reads it).
 """
 from __future__ import annotations
 
@@ -14,8 +21,12 @@ import torch
 from workers.engine.attention import AttentionMetadata, _triton
 from workers.engine.config import EngineConfig
 from workers.engine.plan import StepPlan, StepResult
+from workers.engine.rejection_sampler import verify_logits
 from workers.engine.sampler import Sampler
-from workers.engine.step_inputs import PreparedStep, SeqSlot, StepInputs
+from workers.engine.step_inputs import PreparedStep, SeqSlot, StepInputs, VerifyRows
+
+# Methods whose drafts the worker proposes (workers/engine/draft_model.py); the others come in the plan.
+DRAFT_MODEL_METHODS = ("self_draft", "draft_model")
 
 
 def cpu_kernels_enabled() -> bool:
@@ -73,6 +84,10 @@ class ModelRunner:
         if (config.use_cuda_graphs and self.device.type == "cuda" and _triton() is not None):
             self.decode_graphs = DecodeGraphs(self, graph_batch_sizes(config.max_num_seqs))
             self.decode_graphs.capture()
+        self.drafter = None             # proposes drafts when a speculating plan row brings none
+        if config.speculative_method in DRAFT_MODEL_METHODS:
+            from workers.engine.draft_model import build_drafter
+            self.drafter = build_drafter(self, config)
 
     # ---- sizing ----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -123,6 +138,8 @@ class ModelRunner:
             self._last.result()
         for st in self.seqs.values():
             self.inputs.release(st.row)
+            if self.drafter is not None:
+                self.drafter.forget(st)
         self.seqs.clear()
 
     @torch.inference_mode()
@@ -135,6 +152,8 @@ class ModelRunner:
             st = self.seqs.pop(rid, None)
             if st is not None:
                 self.inputs.release(st.row)
+                if self.drafter is not None:
+                    self.drafter.forget(st)
         work: list[tuple[str, SeqSlot, int]] = []
         for nr in plan.new_requests:
             row = self.inputs.seat(nr.block_ids, nr.sampling, nr.seed)
@@ -144,11 +163,43 @@ class ModelRunner:
             if nr.adapter_id:
                 st.slot = self._adapter_slot(nr.adapter_id)
             work.append((nr.request_id, st, nr.num_new_tokens))
+        spec = any(rr.num_spec_tokens > 0 for rr in plan.running)
+        last = self._last
+        if last is not None and not last.resolved and last.trim:
+            # The batcher never plans a request again while its speculative step is in flight; if it
+            # did, that request's tokens, KV length and blocks are only known once the step resolves.
+            ids = {rid for rid, _ in last.trim}
+            if any(rr.request_id in ids for rr in plan.running):
+                last.result()
+        trim: list[tuple[str, SeqSlot]] = []
+        drafts: dict[str, list[int]] = {}
+        to_draft: list[tuple[str, SeqSlot, int]] = []
         for rr in plan.running:
             st = self.seqs[rr.request_id]
             if rr.new_block_ids:
                 self.inputs.table.append(st.row, rr.new_block_ids)
-            work.append((rr.request_id, st, rr.num_new_tokens))
+            n = rr.num_new_tokens
+            if rr.num_spec_tokens > 0:
+                trim.append((rr.request_id, st))
+                # Drafts only on a resolved decode, and never with penalties (they would need the
+                # drafts in the history): anything else runs as the plain step it also is.
+                if (n == 1 and not st.pending and st.num_computed + 1 == len(st.token_ids)
+                        and not st.needs_history):
+                    if rr.draft_token_ids:
+                        drafts[rr.request_id] = list(rr.draft_token_ids[:rr.num_spec_tokens])
+                    elif self.drafter is not None:
+                        to_draft.append((rr.request_id, st, rr.num_spec_tokens))
+            work.append((rr.request_id, st, n))
+        draft_ms = 0.0
+        if to_draft:
+            td = time.perf_counter()
+            proposed = self.drafter.propose([st for _, st, _ in to_draft], [k for _, _, k in to_draft])
+            for (rid, _, k), d in zip(to_draft, proposed):
+                if d:
+                    drafts[rid] = list(d[:k])
+            draft_ms = 1000 * (time.perf_counter() - td)
+        if drafts:
+            work = [(rid, st, n + len(drafts[rid])) if rid in drafts else (rid, st, n) for rid, st, n in work]
         if not work:
             return InFlightStep(self, plan.step_id, t0, [], None, None)
         last = self._last
@@ -157,10 +208,12 @@ class ModelRunner:
 
         # Prefill segments first, then single-token (decode) segments: the attention layout.
         # Within each, rows of one LoRA slot lie together (one segment per adapter).
+        # A verification segment (1 + m tokens) lies with the prefill segments.
         lora = any(w[1].slot for w in work)
         if lora or any(w[2] != 1 for w in work):
             work.sort(key=lambda w: (w[2] == 1, w[1].slot))
-        step = self.inputs.prepare(work, prev_tokens=last.tokens if last is not None else None)
+        step = self.inputs.prepare(work, prev_tokens=last.tokens if last is not None else None,
+                                   drafts=drafts or None)
         self.last_step_input_bytes = self.inputs.last_bytes
         lora_batch = None
         if lora:
@@ -176,14 +229,29 @@ class ModelRunner:
         else:
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches, lora=lora_batch)
         tokens = logprobs = None
-        if step.sample_seqs:
+        ver = step.verify
+        if step.sample_seqs or ver is not None:
             logits = self.model.compute_logits(hidden.index_select(0, step.sample_idx))
-            out = self.sampler(logits, step.sampling)
-            tokens, logprobs = out.token_ids, out.logprobs
-            for i, (_, st) in enumerate(step.sample_seqs):
-                st.pending += 1
-                st.pending_src = i          # where the next step finds this token on the device
-        inflight = InFlightStep(self, plan.step_id, t0, step.sample_seqs, tokens, logprobs)
+            S = len(step.sample_seqs)
+            if S:
+                out = self.sampler(logits[:S], step.sampling)
+                tokens, logprobs = out.token_ids, out.logprobs
+                for i, (_, st) in enumerate(step.sample_seqs):
+                    st.pending += 1
+                    st.pending_src = i          # where the next step finds this token on the device
+            if ver is not None:
+                # After the S plain tokens (so pending_src above stays valid for the next step):
+                # each request's `width` verified tokens (-1 past its own), then the counts.
+                v, v_lp = verify_logits(logits[S:], ver.sampling, ver.draft_ids, ver.draft_lens_t, ver.width)
+                parts = [v.tokens.reshape(-1), v.num_emitted]
+                tokens = torch.cat(parts if tokens is None else [tokens] + parts)
+                if v_lp is not None:
+                    v_lp = v_lp.reshape(-1)
+                    logprobs = v_lp if logprobs is None else torch.cat([logprobs, v_lp])
+                for _, st in ver.seqs:
+                    st.pending += 1
+        inflight = InFlightStep(self, plan.step_id, t0, step.sample_seqs, tokens, logprobs,
+                                verify=ver, trim=trim, spec=spec, draft_ms=draft_ms)
         self._last = inflight if tokens is not None else None
         return inflight
 
@@ -215,16 +283,24 @@ class ModelRunner:
 class InFlightStep:
     """A launched step. result() reads its sampled ids - the step's one device -> host read,
     through a pinned buffer and an event, so it waits for this step only and not for a step
-    launched after it - and appends them to each request's tokens. Idempotent."""
+    launched after it - and appends them to each request's tokens. Idempotent.
+
+    tokens: the plain rows' sampled ids, then (speculating requests) each one's `width` verified
+    tokens and the count it emits; logprobs: per plain row, then per verified token."""
 
     def __init__(self, runner: ModelRunner, step_id: int, t0: float, sample_seqs: list[tuple[str, SeqSlot]],
-                 tokens: torch.Tensor | None, logprobs: torch.Tensor | None):
+                 tokens: torch.Tensor | None, logprobs: torch.Tensor | None, *, verify: VerifyRows | None = None,
+                 trim: list[tuple[str, SeqSlot]] | None = None, spec: bool = False, draft_ms: float = 0.0):
         self.runner = runner
         self.step_id = step_id
         self.t0 = t0
         self.sample_seqs = sample_seqs
-        self.tokens = tokens                   # [S] int64 on the device
+        self.tokens = tokens                   # [S (+ N * width + N)] int64 on the device
         self._logprobs = logprobs
+        self.verify = verify
+        self.trim = trim or []                 # rows whose plan speculated: their table rows shrink
+        self.spec = spec                       # some plan row had num_spec_tokens > 0
+        self.draft_ms = draft_ms
         self._result: StepResult | None = None
         self._event = None
         if tokens is not None and tokens.is_cuda:
@@ -246,23 +322,54 @@ class InFlightStep:
     def result(self) -> StepResult:
         if self._result is not None:
             return self._result
-        result = StepResult(step_id=self.step_id)
+        result = StepResult(step_id=self.step_id, draft_ms=self.draft_ms)
+        S = len(self.sample_seqs)
         if self.tokens is not None:
             if self._event is not None:
                 self._event.synchronize()
             toks = self._host_tokens.tolist()
+            lps = self._host_logprobs.tolist() if self._host_logprobs is not None else None
             for (_, st), tok in zip(self.sample_seqs, toks):
                 st.token_ids.append(tok)
                 st.pending -= 1
             result.request_ids = [rid for rid, _ in self.sample_seqs]
-            result.token_ids = toks
-            if self._host_logprobs is not None:
-                result.logprobs = self._host_logprobs.tolist()
+            result.token_ids = toks[:S]
+            if lps is not None:
+                result.logprobs = lps[:S]
+            if self.verify is not None:
+                self._verified(result, toks[S:], lps[S:] if lps is not None else None)
+        if self.spec:
+            if self.verify is None:
+                result.num_emitted = [1] * S
+                result.num_drafted = [0] * S
+            bs, seated = self.runner.block_size, self.runner.seqs
+            for rid, st in self.trim:
+                # The KV is valid for every known token but the last: keep the blocks those need.
+                # (A request forgotten meanwhile may have passed its row on: leave that alone.)
+                if seated.get(rid) is st:
+                    self.runner.inputs.table.truncate(st.row, -(-st.num_computed // bs))
         result.execute_ms = 1000 * (time.perf_counter() - self.t0)
         self._result = result
         if self.runner._last is self:
             self.runner._last = None
         return result
+
+    def _verified(self, result: StepResult, toks: list[int], lps: list[float] | None) -> None:
+        """Append each speculating request's emitted tokens, roll its KV length back to them."""
+        ver = self.verify
+        n, w = len(ver.seqs), ver.width
+        emitted = toks[n * w:]
+        result.num_emitted = [1] * len(result.request_ids) + emitted
+        result.num_drafted = [0] * len(result.request_ids) + ver.draft_lens
+        for i, ((rid, st), e) in enumerate(zip(ver.seqs, emitted)):
+            got = toks[i * w:i * w + e]
+            st.token_ids.extend(got)
+            st.num_computed = len(st.token_ids) - 1      # the last emitted token is the next decode input
+            st.pending -= 1
+            result.request_ids.append(rid)
+            result.token_ids.extend(got)
+            if lps is not None:
+                result.logprobs.extend(lps[i * w:i * w + e])
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workers.engine.sampler import uniforms
+from workers.engine.sampler import SamplingTensors, apply_truncation, uniforms
 
-__all__ = ["VerifyOutput", "verify_drafts"]
+__all__ = ["VerifyOutput", "verify_drafts", "verify_logits"]
 
 # Column ids for the acceptance uniforms: outside any vocabulary, so they never equal the ids
 # the sampler's own draws use (column 0) and acceptance and draw stay independent.
@@ -90,9 +90,11 @@ def verify_drafts(target_probs: Tensor, draft_ids: Tensor, draft_lens: Tensor, *
     rejected = num_accepted < draft_lens
     at = num_accepted.clamp(max=max(k - 1, 0))              # the rejected draft's position (when rejected)
     if draft_probs is None:
-        residual = p_last.clone()
+        residual = p_last
         if k > 0:
-            residual[rows[rejected], safe_drafts[rows, at][rejected]] = 0.0
+            # zero the rejected draft's probability (a mask, not boolean indexing: no device sync)
+            drop = torch.zeros_like(p_last, dtype=torch.bool).scatter_(1, safe_drafts[rows, at][:, None], True)
+            residual = p_last.masked_fill(drop & rejected[:, None], 0.0)
     else:
         q_last = draft_probs[rows, at] if k > 0 else torch.zeros_like(p_last)
         residual = torch.where(rejected[:, None], (p_last - q_last).clamp_min(0.0), p_last)
@@ -106,3 +108,37 @@ def verify_drafts(target_probs: Tensor, draft_ids: Tensor, draft_lens: Tensor, *
     tokens[:, :k] = torch.where(pos < num_accepted[:, None], safe_drafts, tokens[:, :k])
     tokens[rows, num_accepted] = last
     return VerifyOutput(tokens=tokens, num_emitted=num_accepted + 1, num_accepted=num_accepted)
+
+
+def verify_logits(logits: Tensor, t: SamplingTensors, draft_ids: Tensor, draft_lens: Tensor,
+                  width: int) -> tuple[VerifyOutput, Tensor | None]:
+    """verify_drafts from the target's logits, through the Sampler's pipeline for each row.
+
+    logits [N * width, V]: request i's position j at row i * width + j (position 0: its decode
+    token, position j: after draft j); t: the sampler settings of those rows, steps the output index
+    of each position. Greedy rows verify against the argmax of the logits (one-hot targets, so the
+    accepted prefix and the token after it are the Sampler's greedy tokens); sampled rows against
+    the temperature-scaled, top-k/top-p/min-p truncated distribution. Drafts are point masses.
+    Returns the verification and, when t asks for logprobs, [N, width] logprobs of its tokens as the
+    Sampler defines them (temperature-scaled, before truncation; meaningless past num_emitted).
+    """
+    if t.history is not None or t.output_history is not None:
+        raise ValueError("penalties are not combined with speculation")
+    logits = logits.to(torch.float32)
+    n, vocab = draft_lens.shape[0], logits.shape[-1]
+    is_greedy = t.temperatures == 0
+    greedy_ids = logits.argmax(dim=-1)
+    probs = torch.zeros_like(logits).scatter_(1, greedy_ids[:, None], 1.0)
+    scaled = logits
+    if not t.all_greedy:
+        temps = torch.where(is_greedy, torch.ones_like(t.temperatures), t.temperatures)
+        scaled = logits / temps[:, None]
+        probs = torch.where(is_greedy[:, None], probs, apply_truncation(scaled, t).softmax(dim=-1))
+    first = torch.arange(n, device=logits.device) * width
+    out = verify_drafts(probs.view(n, width, vocab), draft_ids, draft_lens, greedy=is_greedy[first],
+                        seeds=t.seeds[first], steps=t.steps[first])
+    logprobs = None
+    if t.want_logprobs:
+        logprobs = (scaled.log_softmax(dim=-1).view(n, width, vocab)
+                    .gather(2, out.tokens.clamp_min(0)[..., None]).squeeze(2))
+    return out, logprobs

@@ -85,6 +85,12 @@ class BlockTable:
         if self.mirror:
             self._dirty.append((row, n0, k))
 
+    def truncate(self, row: int, num_blocks: int) -> None:
+        """Keep the row's first num_blocks entries (a speculative step rolled back). The entries past
+        them go stale - nothing reads past a row's context length - and the next append overwrites them."""
+        if num_blocks < self.num_blocks[row]:
+            self.num_blocks[row] = max(0, num_blocks)
+
     def remove(self, row: int) -> None:
         """Free a row. Its stale entries stay: nothing reads past a row's context length."""
         self.num_blocks[row] = 0
@@ -120,14 +126,29 @@ class SeqSlot:
 
 
 @dataclass
+class VerifyRows:
+    """The step's verification segments: request i (of seqs) computed its decode token then its
+    draft_lens[i] drafts, and the target's distribution is wanted at each of those 1 + m positions.
+    Laid out `width` (1 + the longest draft) positions per request: position j of request i is
+    sample row i * width + j (after the plain sample rows); positions past 1 + m repeat the last."""
+    seqs: list[tuple[str, SeqSlot]]
+    draft_lens: list[int]               # host: m per request
+    width: int
+    draft_ids: torch.Tensor             # [N, width - 1] int64 (0 past draft_lens)
+    draft_lens_t: torch.Tensor          # [N] int64
+    sampling: SamplingTensors           # [N * width] rows: the request's settings, steps of each position
+
+
+@dataclass
 class PreparedStep:
     input_ids: torch.Tensor             # [T] int64
     positions: torch.Tensor             # [T] int64
     meta: AttentionMetadata
-    sample_idx: torch.Tensor            # [S] int64: rows of the hidden states to sample from
+    sample_idx: torch.Tensor            # [S + N * width] int64: rows of the hidden states to sample from
     sample_seqs: list[tuple[str, SeqSlot]]
-    sampling: SamplingTensors | None
+    sampling: SamplingTensors | None    # the S plain sample rows
     num_tokens: int
+    verify: VerifyRows | None = None    # speculating requests (their rows follow the S plain ones)
 
 
 class StepInputs:
@@ -176,12 +197,17 @@ class StepInputs:
         self.table.remove(row)
 
     # ---- the step ---------------------------------------------------------------------------
-    def prepare(self, work: list[tuple[str, SeqSlot, int]], prev_tokens: torch.Tensor | None = None) -> PreparedStep:
+    def prepare(self, work: list[tuple[str, SeqSlot, int]], prev_tokens: torch.Tensor | None = None,
+                drafts: dict[str, list[int]] | None = None) -> PreparedStep:
         """work: (request id, seq, tokens to compute) with prefill segments (n > 1) first, then
         decodes (n == 1). Advances each seq's num_computed.
 
         A token still being sampled by the previous launched step (seq.pending) is not on the host
-        yet: its input slot is filled on the device from `prev_tokens[seq.pending_src]`."""
+        yet: its input slot is filled on the device from `prev_tokens[seq.pending_src]`.
+
+        drafts: request id -> draft tokens to verify (m >= 1). Such a request's segment is its last
+        known token then the drafts (n == 1 + m, laid out like a prefill chunk with prior context),
+        and every one of its 1 + m positions is sampled (PreparedStep.verify)."""
         bs = self.block_size
         B = len(work)
         rows_l, starts_l, lens_l, ids = [], [], [], []
@@ -190,6 +216,10 @@ class StepInputs:
         steps_l: list[int] = []
         late_dst: list[int] = []                 # input slots whose token is still on the device
         late_src: list[int] = []
+        ver_seg: list[int] = []                  # verification segments
+        ver_seqs: list[tuple[str, SeqSlot]] = []
+        ver_drafts: list[list[int]] = []
+        ver_steps: list[int] = []
         num_prefill = 0
         for k, (rid, st, n) in enumerate(work):
             c = st.num_computed
@@ -197,6 +227,23 @@ class StepInputs:
             starts_l.append(c)
             lens_l.append(n)
             known = len(st.token_ids)
+            if n != 1:
+                num_prefill += 1
+            d = drafts.get(rid) if drafts else None
+            if d:
+                if n != 1 + len(d) or c + 1 != known or st.pending:
+                    raise ValueError(f"request {rid}: drafts verify only on a resolved decode "
+                                     f"(n={n}, {len(d)} drafts, computed {c} of {known}, pending {st.pending})")
+                if st.needs_history:
+                    raise ValueError(f"request {rid}: penalties are not combined with speculation")
+                ids.append(st.token_ids[c])
+                ids.extend(d)
+                st.num_computed = c + n
+                ver_seg.append(k)
+                ver_seqs.append((rid, st))
+                ver_drafts.append(d)
+                ver_steps.append(c + 1 - st.num_prompt_tokens)    # the output index of position c's sample
+                continue
             if c + n > known:                    # the last input is the previous step's sample
                 ids.extend(st.token_ids[c:known])
                 late_dst.append(len(ids))
@@ -206,8 +253,6 @@ class StepInputs:
                 ids.append(st.token_ids[c])
             else:
                 ids.extend(st.token_ids[c:c + n])
-            if n != 1:
-                num_prefill += 1
             c += n
             st.num_computed = c
             if c == known + st.pending:
@@ -230,15 +275,34 @@ class StepInputs:
         np.cumsum(lens[:num_prefill], out=qsl[1:])
         sample_idx = (np.cumsum(lens) - 1)[sample_seg] if sample_seg else np.empty(0, dtype=_I64)
         srows = rows[sample_seg] if sample_seg else np.empty(0, dtype=_I64)
+        steps = np.array(steps_l, dtype=_I64)
+        S0 = len(sample_seg)
+        ver_ints: list[np.ndarray] = []
+        width = 0
+        if ver_seg:
+            # Every position of each verification segment, `width` per request (short ones repeat
+            # their last position), appended to the plain sample rows.
+            vlens = np.array([len(d) for d in ver_drafts], dtype=_I64)
+            width = 1 + int(vlens.max())
+            col = np.arange(width, dtype=_I64)
+            vstart = (np.cumsum(lens) - lens)[ver_seg]
+            vidx = vstart[:, None] + np.minimum(col[None, :], vlens[:, None])
+            sample_idx = np.concatenate([sample_idx, vidx.reshape(-1)])
+            srows = np.concatenate([srows, np.repeat(rows[ver_seg], width)])
+            steps = np.concatenate([steps, (np.array(ver_steps, dtype=_I64)[:, None] + col[None, :]).reshape(-1)])
+            vdrafts = np.zeros((len(ver_seg), width - 1), dtype=_I64)
+            for i, d in enumerate(ver_drafts):
+                vdrafts[i, :len(d)] = d
+            ver_ints = [vdrafts.reshape(-1), vlens]
         upd_idx, upd_val = self.table.take_updates() if self._pack else (None, None)
 
         ints = [np.array(ids, dtype=_I64), positions, slots, ctx, rows, qsl, sample_idx]
         floats: list[np.ndarray] = []
         sp = None
-        if sample_seg:
+        if srows.size:
             p = self._row_params
             sp = {k: v[srows] for k, v in p.items()}
-            ints += [sp["top_k"], sp["seed"], np.array(steps_l, dtype=_I64)]
+            ints += [sp["top_k"], sp["seed"], steps]
             floats = [sp["temp"], sp["top_p"], sp["min_p"], sp["rep"], sp["pres"]]
         if upd_idx is not None and upd_idx.size:
             ints += [upd_idx, upd_val]
@@ -246,6 +310,7 @@ class StepInputs:
             if prev_tokens is None:
                 raise RuntimeError("a step needs a token no launched step is sampling")
             ints += [np.array(late_dst, dtype=_I64), np.array(late_src, dtype=_I64)]
+        ints += ver_ints
         dev = self._to_device(ints, floats)
         it = iter(dev)
         ids_t, pos_t, slots_t, ctx_t, rows_t, qsl_t, sidx_t = (next(it) for _ in range(7))
@@ -257,11 +322,24 @@ class StepInputs:
         if late_dst:
             dst_t, src_t = next(it), next(it)
             ids_t.index_copy_(0, dst_t, prev_tokens.index_select(0, src_t))
-        samp = None
+        if ver_ints:
+            vdrafts_t, vlens_t = next(it), next(it)
+        samp = verify = None
         if sp is not None:                                # the floats come last in the packed buffer
             temp_t, topp_t, minp_t, rep_t, pres_t = (next(it) for _ in range(5))
-            samp = self._sampling_tensors(sp, sample_seqs, temp_t, topk_t, topp_t, minp_t, rep_t, pres_t,
-                                          seed_t, steps_t)
+            tensors = dict(temperatures=temp_t, top_ks=topk_t, top_ps=topp_t, min_ps=minp_t,
+                           repetition_penalties=rep_t, presence_penalties=pres_t, seeds=seed_t, steps=steps_t)
+            # one flag for both parts: the step's logprobs cover every token it emits or none
+            want_lp = any(st.sampling.logprobs for _, st in sample_seqs) or any(
+                st.sampling.logprobs for _, st in ver_seqs)
+            part = lambda a, b: ({k: v[a:b] for k, v in sp.items()},           # noqa: E731
+                                 {k: v[a:b] for k, v in tensors.items()})
+            if S0:
+                samp = self._sampling_tensors(*part(0, S0), sample_seqs, want_lp)
+            if ver_seg:
+                verify = VerifyRows(ver_seqs, [len(d) for d in ver_drafts], width,
+                                    vdrafts_t.view(len(ver_seg), width - 1), vlens_t,
+                                    self._sampling_tensors(*part(S0, srows.size), ver_seqs, want_lp))
         # what this step wrote: its own arrays plus the table entries that changed
         self.last_bytes = sum(a.nbytes for a in ints) + sum(a.nbytes for a in floats)
 
@@ -285,7 +363,7 @@ class StepInputs:
             # The CPU decode kernels take a [D, W] table of just the columns this batch needs.
             W = -(-max_dec // bs)
             meta.decode_block_tables = torch.from_numpy(self.table.np[rows[P:], :W])
-        return PreparedStep(ids_t, pos_t, meta, sidx_t, sample_seqs, samp, T)
+        return PreparedStep(ids_t, pos_t, meta, sidx_t, sample_seqs, samp, T, verify)
 
     def _to_device(self, ints: list[np.ndarray], floats: list[np.ndarray]) -> list[torch.Tensor]:
         """CPU: zero-copy tensors over the arrays. CUDA: one pinned int64 buffer (floats as raw
@@ -329,13 +407,14 @@ class StepInputs:
             off += w
         return out
 
-    def _sampling_tensors(self, sp: dict[str, np.ndarray], seqs: list[tuple[str, SeqSlot]], temp, top_k, top_p,
-                          min_p, rep, pres, seed, steps) -> SamplingTensors:
+    def _sampling_tensors(self, sp: dict[str, np.ndarray], tensors: dict[str, torch.Tensor],
+                          seqs: list[tuple[str, SeqSlot]], want_logprobs: bool) -> SamplingTensors:
         need_hist = bool((sp["rep"] != 1.0).any())
         need_out = bool((sp["pres"] != 0.0).any())
         history = output_history = None
         if need_hist or need_out:
             # Penalties need each request's token history: O(context), built only when asked for.
+            # (Only plain sample rows get here: one row per request, in seqs' order.)
             from workers.engine.sampler import pad_histories
             if need_hist:
                 history = pad_histories([st.token_ids for _, st in seqs], self.vocab_size, self.device)
@@ -344,7 +423,4 @@ class StepInputs:
                                                self.vocab_size, self.device)
         return SamplingTensors.from_arrays(
             temps=sp["temp"], top_ks=sp["top_k"], top_ps=sp["top_p"], min_ps=sp["min_p"],
-            want_logprobs=any(st.sampling.logprobs for _, st in seqs),
-            tensors=dict(temperatures=temp, top_ks=top_k, top_ps=top_p, min_ps=min_p, repetition_penalties=rep,
-                         presence_penalties=pres, seeds=seed, steps=steps),
-            history=history, output_history=output_history)
+            want_logprobs=want_logprobs, tensors=tensors, history=history, output_history=output_history)
