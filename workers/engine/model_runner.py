@@ -56,6 +56,12 @@ class ModelRunner:
             if config.cpu_kernels and self.dtype == torch.float32 and cpu_kernels_enabled():
                 self._use_cpu_kernels(getattr(loaded, "gguf_path", None))
         self.block_size = config.block_size
+        # A separate draft model is loaded before sizing: its KV cache has the target's num_blocks,
+        # so each block costs its bytes too (workers/engine/draft_model.py).
+        self._draft = None
+        if config.speculative_method == "draft_model":
+            from workers.engine.draft_model import load_draft
+            self._draft = load_draft(config, self.device, self.dtype)
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
         ctx = config.max_model_len or mc.max_position_embeddings
         self.max_model_len = min(ctx, self.num_blocks * self.block_size)
@@ -87,7 +93,7 @@ class ModelRunner:
         self.drafter = None             # proposes drafts when a speculating plan row brings none
         if config.speculative_method in DRAFT_MODEL_METHODS:
             from workers.engine.draft_model import build_drafter
-            self.drafter = build_drafter(self, config)
+            self.drafter = build_drafter(self, config, draft=self._draft)
 
     # ---- sizing ----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -108,6 +114,9 @@ class ModelRunner:
 
     def _blocks_from_memory(self) -> int:
         per_block = self.kv_bytes_per_block()
+        if self._draft is not None:
+            from workers.engine.draft_model import draft_kv_bytes_per_block
+            per_block += draft_kv_bytes_per_block(self._draft.config, self.block_size, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             free, total = torch.cuda.mem_get_info(self.device)
