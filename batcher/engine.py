@@ -37,6 +37,9 @@ class CompletionOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[float] | None = None
+    spec_proposed: int = 0          # speculative decoding: drafts verified, accepted, decode steps taken
+    spec_accepted: int = 0
+    decode_steps: int = 0
 
 
 class Engine:
@@ -144,6 +147,7 @@ class Engine:
                 if o.finished:
                     c.finish_reason = o.finish_reason
                     c.num_cached_tokens = o.num_cached_tokens
+                    c.spec_proposed, c.spec_accepted, c.decode_steps = o.spec_proposed, o.spec_accepted, o.decode_steps
                     pending.discard(o.request_id)
         return [outs[r] for r in order]
 

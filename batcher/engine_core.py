@@ -6,6 +6,10 @@ finish reasons and timings. The in-process Engine gives it a local ModelRunner; 
 service gives it the worker's `Worker/Step` stream and drives `schedule()`/`process()` itself.
 Both build theirs with `build_engine_core` (the KV geometry from the runner, the limits from their
 config), so the allocator + scheduler + core assembly exists once.
+
+With speculative decoding a request may get several tokens in one step: they go through the
+detokenizer and the stop checks in order, and at a stop the rest of that step's tokens for it are
+discarded (the output is truncated there), so outputs are exactly those of one token per step.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Callable, Protocol
 
 from batcher.request import Request, RequestStatus
 from batcher.scheduler import QueueFullError, Scheduler, SchedulerStats  # noqa: F401 (re-export)
+from batcher.spec_policy import SpecCounters, SpecPolicy
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.events import KvEvent
 from workers.engine.detokenizer import IncrementalDetokenizer
@@ -61,6 +66,8 @@ class EngineStats(SchedulerStats):
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     steps_total: int = 0
+    spec_proposed_total: int = 0         # speculation, all methods (per method: EngineCore.spec_totals())
+    spec_accepted_total: int = 0
 
 
 class EngineCore:
@@ -137,26 +144,52 @@ class EngineCore:
 
     def process(self, result: StepResult) -> list[RequestOutput]:
         self.steps_total += 1
-        self.scheduler.observe_step(result.step_id, result.execute_ms / 1000)   # the wait predictor's rates
-        sampled = self.scheduler.update(result.request_ids, result.token_ids, result.logprobs)
+        # the wait predictor's rates and the speculation policy's step cost
+        self.scheduler.observe_step(result.step_id, result.execute_ms / 1000, result.draft_ms / 1000,
+                                    sum(result.num_drafted))
+        sampled = self.scheduler.update(result.request_ids, result.token_ids, result.logprobs,
+                                        result.num_emitted, result.num_drafted)
         now = time.perf_counter()
         outputs: list[RequestOutput] = []
-        for req, tok in sampled:
+        for req, toks in sampled:
             if req.times.first_token is None:
                 req.times.first_token = now
-            self.generation_tokens_total += 1
             detok = self._detok[req.request_id]
-            text, stop_hit = detok.add_token(tok)
-            status = self._finish_status(req, tok, stop_hit)
+            if len(toks) == 1:
+                tok = toks[0]
+                text, stop_hit = detok.add_token(tok)
+                status = self._finish_status(req, tok, stop_hit)
+            else:
+                text, toks, status, stop_hit = self._add_tokens(req, detok, toks)
+            self.generation_tokens_total += len(toks)
             if status is not None:
                 if not stop_hit:
                     text += detok.flush()
                 req.times.finished = now
                 self.scheduler.finish(req, status)
                 del self._detok[req.request_id]
-            outputs.append(self._output(req, tok, text, status))
+            outputs.append(self._output(req, toks, text, status))
         return outputs
 
+    def _add_tokens(self, req: Request, detok: IncrementalDetokenizer,
+                    toks: list[int]) -> tuple[str, list[int], RequestStatus | None, bool]:
+        """Several tokens of one step (speculation), in order; at a stop the rest are dropped from the
+        request's output. Returns (text, the tokens kept, finish status, stop string hit)."""
+        out = req.output_token_ids
+        base = len(out) - len(toks)     # update() appended them all already
+        text = ""
+        for j, tok in enumerate(toks):
+            t, stop_hit = detok.add_token(tok)
+            text += t
+            status = self._finish_status(req, tok, stop_hit, num_output=base + j + 1)
+            if status is not None:
+                drop = len(toks) - j - 1
+                if drop:
+                    del out[-drop:]
+                    if req.sampling.logprobs:
+                        del req.logprobs[-drop:]
+                return text, toks[:j + 1], status, stop_hit
+        return text, toks, None, False
     def step(self) -> list[RequestOutput]:
         """One step in process. With a runner that overlaps (CUDA), step N+1 is scheduled, laid out
         and launched while step N runs on the device, and N's tokens are processed while N+1 runs:
@@ -182,7 +215,9 @@ class EngineCore:
         self._inflight = nxt
         return self.process(result)
 
-    def _finish_status(self, req: Request, tok: int, stop_hit: bool) -> RequestStatus | None:
+    def _finish_status(self, req: Request, tok: int, stop_hit: bool,
+                       num_output: int | None = None) -> RequestStatus | None:
+        """num_output: the output's length up to tok (default: all of it)."""
         sp = req.sampling
         if stop_hit:
             return RequestStatus.FINISHED_STOPPED
@@ -190,29 +225,41 @@ class EngineCore:
             return RequestStatus.FINISHED_STOPPED
         if tok in sp.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.scheduler.max_model_len:
+        n_out = len(req.output_token_ids) if num_output is None else num_output
+        if n_out >= sp.max_tokens or req.num_prompt_tokens + n_out >= self.scheduler.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     @staticmethod
-    def _output(req: Request, tok: int, text: str, status: RequestStatus | None) -> RequestOutput:
+    def _output(req: Request, toks: list[int], text: str, status: RequestStatus | None) -> RequestOutput:
         out = RequestOutput(
-            request_id=req.request_id, new_token_ids=[tok], new_text=text,
+            request_id=req.request_id, new_token_ids=toks, new_text=text,
             finished=status is not None, finish_reason=status.value if status else None,
             num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
             num_cached_tokens=req.num_cached_tokens,
-            logprobs=[req.logprobs[-1]] if req.sampling.logprobs and req.logprobs else None)
+            logprobs=req.logprobs[-len(toks):] if req.sampling.logprobs and req.logprobs else None)
         if status is not None:
             out.queue_ms = req.times.queue_ms()
             out.prefill_ms = req.times.prefill_ms()
             out.decode_ms = req.times.decode_ms()
+            out.spec_proposed = req.spec_proposed
+            out.spec_accepted = req.spec_accepted
+            out.decode_steps = req.num_decode_steps
         return out
+
+    def spec_totals(self) -> dict[str, SpecCounters]:
+        """Speculation counters per method since start (proposed, accepted, verify_rows, emitted);
+        empty when speculation is off."""
+        return self.scheduler.spec_totals()
 
     def stats(self) -> EngineStats:
         s = self.scheduler.stats()
+        totals = self.scheduler.spec_totals().values()
         return EngineStats(**vars(s), prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total,
-                           steps_total=self.steps_total)
+                           steps_total=self.steps_total,
+                           spec_proposed_total=sum(c.proposed for c in totals),
+                           spec_accepted_total=sum(c.accepted for c in totals))
 
 
 def build_engine_core(limits: SchedulerLimits, *, num_blocks: int, block_size: int, max_model_len: int,
@@ -221,7 +268,12 @@ def build_engine_core(limits: SchedulerLimits, *, num_blocks: int, block_size: i
     """Allocator (sized from the runner's KV cache) + scheduler (limits from the config) + EngineCore.
     `runner` None: the caller drives schedule()/process() itself (the batcher service)."""
     allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching=limits.enable_prefix_caching)
+    method = getattr(limits, "speculative_method", "off") or "off"
+    spec = None
+    if method != "off":
+        spec = SpecPolicy(method, getattr(limits, "num_speculative_tokens", 4),
+                          getattr(limits, "speculative_adaptive", True))
     scheduler = Scheduler(allocator, max_num_seqs=limits.max_num_seqs,
                           max_num_batched_tokens=limits.max_num_batched_tokens, max_model_len=max_model_len,
-                          max_waiting=limits.max_waiting, max_loras=limits.max_loras)
+                          max_waiting=limits.max_waiting, max_loras=limits.max_loras, spec=spec)
     return EngineCore(scheduler, runner, tokenizer, eos_token_ids=eos_token_ids, seed=seed)

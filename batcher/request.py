@@ -4,8 +4,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from workers.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from batcher.spec_policy import SpecState
 
 
 class RequestStatus(enum.Enum):
@@ -72,6 +76,8 @@ class Request:
     spec_proposed: int = 0
     spec_accepted: int = 0
     num_decode_steps: int = 0
+    spec: SpecState | None = None      # the policy's view of it (acceptance, on/off), set at its first decode
+    spec_inflight: bool = False        # a verification step of it is in flight: not planned until it lands
     times: RequestTimes = field(default_factory=RequestTimes)
 
     @property

@@ -19,6 +19,13 @@ next step, and an interactive request whose predicted wait for a first token
 exceeds its deadline or `max_queue_delay_s` is refused at once, with a retry-after from the measured
 drain rate. Waiting requests past their deadline are dropped (`expired_waiting`, `drop_expired`).
 The scheduler only decides; the worker executes the resulting StepPlan.
+
+Speculative decoding (batcher/spec_policy.py decides who and how many): a request in decode state
+whose policy says so gets a row of 1 + k query slots (`num_spec_tokens`, model-free drafts in
+`draft_token_ids`), blocks for all of them and a budget charge of 1 + k; only its decode token counts
+as computed until the result lands. Until then it is not planned again (`spec_inflight`). Its result
+(1..k+1 tokens) advances it to its known tokens but the last and trims its blocks to what they cover:
+the rejected drafts' slots go back to the allocator (the worker trims its row by the same rule).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 from batcher.request import Request, RequestStatus
+from batcher.spec_policy import SpecCounters, SpecPolicy
 from batcher.step_timing import WaitPredictor
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.block_hash import block_hashes
@@ -71,6 +79,8 @@ class _Scheduled:
     request: Request
     num_new_tokens: int
     new_block_ids: list[int] = field(default_factory=list)
+    num_spec_tokens: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 def _order_key(r: Request) -> tuple[int, int, int]:
@@ -93,7 +103,7 @@ class Scheduler:
                  max_num_batched_tokens: int = 512, max_model_len: int = 2048,
                  max_waiting: int = 1024, max_loras: int | None = None,
                  max_queue_delay_s: float = 0.0, predictor: WaitPredictor | None = None,
-                 wall_clock=time.time):
+                 wall_clock=time.time, spec: SpecPolicy | None = None):
         self.allocator = allocator
         self.max_loras = max_loras      # distinct LoRA adapters among running requests (worker slots)
         self.block_size = allocator.block_size
@@ -104,6 +114,7 @@ class Scheduler:
         self.max_queue_delay_s = max_queue_delay_s   # 0: only deadlines bound the predicted wait
         self.predictor = predictor if predictor is not None else WaitPredictor()
         self.wall_clock = wall_clock    # unix seconds: deadlines travel as unix ms
+        self.spec = spec                # speculative decoding policy (None: off)
         self.requests: dict[str, Request] = {}
         # (class rank, tenant) -> heap of (-priority, arrival_seq, queued tokens, req); non-empty only
         self._queues: dict[tuple[int, str], list[tuple[int, int, int, Request]]] = {}
@@ -115,7 +126,8 @@ class Scheduler:
         self._vtc_floor = 0.0           # counter of the last tenant that went idle
         self._next_seq = 0
         self._step_id = 0
-        self._step_work: dict[int, tuple[int, int]] = {}     # step id -> (prefill tokens, decode rows)
+        # step id -> (prefill tokens, decode rows, query tokens); verification slots count as prefill
+        self._step_work: dict[int, tuple[int, int, int]] = {}
         self._worker_forget: list[str] = []                  # ids the worker must drop next step
         self._preempted_now: set[str] = set()                # preempted while planning this step
         self.num_preemptions = 0
@@ -255,6 +267,8 @@ class Scheduler:
         else:
             self._remove_waiting(req)
         req.status = status
+        if self.spec is not None and status != RequestStatus.FINISHED_ABORTED:
+            self.spec.on_finish(req)
         self._release(req)
         self.requests.pop(req.request_id, None)
         if not self.running and not self._queues:
@@ -317,6 +331,10 @@ class Scheduler:
         budget = [self.max_num_batched_tokens]
         preempted = [False]
         self._preempted_now.clear()
+        if self.spec is not None:
+            # A plan made while an earlier one has not returned runs after it (the step pipeline).
+            rows = sum(1 for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens)
+            self.spec.begin_step(rows, pipelined=bool(self._step_work))
         for rank in range(len(SERVICE_CLASSES)):
             chunks = self._schedule_decodes(rank, scheduled, budget, preempted)
             self._schedule_prefills(rank, chunks, scheduled, budget, preempted)
@@ -327,7 +345,8 @@ class Scheduler:
         """This class's running requests that need one token (decodes), highest priority first; returns
         those that need more (prefill chunks), which compete with admissions by fair share."""
         chunks: list[Request] = []
-        for req in [r for r in self.running if _RANK[r.service_class] == rank]:
+        mine = [r for r in self.running if _RANK[r.service_class] == rank]
+        for i, req in enumerate(mine):
             if budget[0] <= 0:
                 break
             if req.status != RequestStatus.RUNNING:
@@ -338,8 +357,23 @@ class Scheduler:
             if n > 1:
                 chunks.append(req)
                 continue
-            self._schedule_running(req, 1, scheduled, budget, preempted)
+            if req.spec_inflight:
+                continue                # its verification result decides where it stands
+            k, drafts = 0, []
+            if self.spec is not None:
+                if req.num_pending:
+                    if self.spec.wants_pending(req):
+                        continue        # speculating: plan it in decode state next step (spec_policy.py)
+                elif req.sent_to_worker:
+                    # draft slots never crowd out a token for the requests after it
+                    k, drafts = self.spec.plan(req, self._spec_cap(req, budget[0] - (len(mine) - i - 1)))
+            self._schedule_running(req, 1, scheduled, budget, preempted, k, drafts)
         return chunks
+
+    def _spec_cap(self, req: Request, budget: int) -> int:
+        """The most drafts req may verify: never past max_tokens or the context, within the budget."""
+        return min(req.sampling.max_tokens - len(req.output_token_ids) - 1,
+                   self.max_model_len - req.num_tokens - 1, budget - 1)
 
     def _schedule_prefills(self, rank: int, chunks: list[Request], scheduled: dict[str, _Scheduled],
                            budget: list[int], preempted: list[bool]) -> None:
@@ -371,9 +405,17 @@ class Scheduler:
             chunks.remove(best)
 
     def _schedule_running(self, req: Request, n: int, scheduled: dict[str, _Scheduled], budget: list[int],
-                          preempted: list[bool]) -> None:
-        """Blocks for a running request's next n tokens, preempting (see _victim) while the allocator
-        is out; req itself may be the one preempted."""
+                          preempted: list[bool], k: int = 0, drafts: list[int] | None = None) -> None:
+        """Blocks for a running request's next n tokens (+ k draft slots), preempting (see _victim)
+        while the allocator is out; req itself may be the one preempted. Draft slots never preempt:
+        without blocks for them it is a plain decode."""
+        if k:
+            new_blocks = self._grow(req, n + k)
+            if new_blocks is not None:
+                scheduled[req.request_id] = _Scheduled(req, n, new_blocks, k, drafts or [])
+                self._charge(req, n + k)
+                budget[0] -= n + k
+                return
         new_blocks = self._grow(req, n)
         while new_blocks is None:
             victim = self._victim()
@@ -475,7 +517,7 @@ class Scheduler:
         s = scheduled.pop(victim.request_id, None)
         given = 0
         if s is not None:
-            given = s.num_new_tokens
+            given = s.num_new_tokens + s.num_spec_tokens
             self._charge(victim, -given)
         self._release(victim)
         victim.num_computed_tokens = 0
@@ -517,13 +559,16 @@ class Scheduler:
         for s in scheduled.values():
             r = s.request
             n = s.num_new_tokens
-            # Served tokens per tenant: prompt positions are prefill (a recompute's included), the rest decode.
+            k = s.num_spec_tokens
+            # Served tokens per tenant: prompt positions are prefill (a recompute's included), the rest
+            # decode (draft slots included: they are computed).
             p = min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
             t = self._tenants[r.tenant]
             t.prefill_tokens += p
-            t.decode_tokens += n - p
+            t.decode_tokens += n - p + k
             if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens:
                 decode_rows += 1
+                prefill += k            # verification slots cost like prompt tokens (the predictor's rates)
             else:
                 prefill += n
             # Advance now, not when the result lands, so the next step can be planned while this
@@ -532,7 +577,11 @@ class Scheduler:
             r.num_computed_tokens += n
             if r.num_computed_tokens == r.num_tokens + r.num_pending:
                 r.num_pending += 1
-            if r.sent_to_worker:
+            if k:
+                # Drafts are not computed until verified: only the decode token advances now.
+                r.spec_inflight = True
+                plan.running.append(RunningRequestPlan(r.request_id, n, s.new_block_ids, k, s.draft_token_ids))
+            elif r.sent_to_worker:
                 plan.running.append(RunningRequestPlan(r.request_id, n, s.new_block_ids))
             else:
                 plan.new_requests.append(NewRequestPlan(
@@ -544,40 +593,86 @@ class Scheduler:
                 r.sent_to_worker = True
         if scheduled:
             work = self._step_work
-            work[self._step_id] = (prefill, decode_rows)
+            work[self._step_id] = (prefill, decode_rows, prefill + decode_rows)
             if len(work) > _STEPS_REMEMBERED:   # a plan whose result never came (worker lost)
                 del work[next(iter(work))]
         return plan
 
-    def observe_step(self, step_id: int, execute_s: float) -> None:
-        """A step's measured time (StepResult.execute_ms): teaches the wait predictor the rates."""
+    def observe_step(self, step_id: int, execute_s: float, draft_s: float = 0.0, drafted: int = 0) -> None:
+        """A step's measured time (StepResult.execute_ms): teaches the wait predictor the rates and
+        the speculation policy the step cost (`draft_s` of it the worker's drafter, over `drafted`)."""
         work = self._step_work.pop(step_id, None)
         if work is not None:
             self.predictor.observe_step(work[0], work[1], execute_s)
+            if self.spec is not None:
+                self.spec.observe_step(work[2], 1000 * execute_s, 1000 * draft_s, drafted)
 
     # ---- after the worker ran the plan ------------------------------------------------------
-    def update(self, request_ids: list[str], token_ids: list[int],
-               logprobs: list[float] | None) -> list[tuple[Request, int]]:
-        """Append the oldest step in flight's sampled tokens; cache newly full blocks.
+    def update(self, request_ids: list[str], token_ids: list[int], logprobs: list[float] | None,
+               num_emitted: list[int] | None = None,
+               num_drafted: list[int] | None = None) -> list[tuple[Request, list[int]]]:
+        """Append the oldest step in flight's sampled tokens (num_emitted[i] of them for request_ids[i];
+        none given: one each); roll speculating requests back to their accepted tokens; cache newly
+        full blocks.
 
-        A token for a request that finished meanwhile (stop found in an earlier result while this
-        step ran) is dropped. One for a request preempted meanwhile is kept: it was sampled from
-        valid KV, and the recompute starts after it."""
-        sampled: list[tuple[Request, int]] = []
-        for k, (rid, tok) in enumerate(zip(request_ids, token_ids)):
-            r = self.requests.get(rid)
-            if r is None or r.finished:
-                continue
-            r.num_pending -= 1
-            r.output_token_ids.append(tok)
-            if logprobs is not None:
-                r.logprobs.append(logprobs[k])
-            sampled.append((r, tok))
+        Tokens for a request that finished meanwhile (stop found in an earlier result while this
+        step ran) are dropped. Those of one preempted meanwhile are kept: they were sampled from
+        valid KV, and the recompute starts after them (its blocks are gone: nothing to roll back)."""
+        sampled: list[tuple[Request, list[int]]] = []
         bs = self.block_size
+        if not num_emitted:
+            for k, (rid, tok) in enumerate(zip(request_ids, token_ids)):
+                r = self.requests.get(rid)
+                if r is None or r.finished:
+                    continue
+                r.num_pending -= 1
+                if r.output_token_ids:
+                    r.num_decode_steps += 1
+                r.output_token_ids.append(tok)
+                if logprobs is not None:
+                    r.logprobs.append(logprobs[k])
+                if r.spec_inflight:     # a verification row with nothing drafted: the rollback still applies
+                    self._verified(r, 1, 0)
+                sampled.append((r, [tok]))
+        else:
+            off = 0
+            for i, rid in enumerate(request_ids):
+                e = num_emitted[i]
+                start, off = off, off + e
+                r = self.requests.get(rid)
+                if r is None or r.finished:
+                    continue
+                toks = token_ids[start:off]
+                r.num_pending -= 1
+                if r.output_token_ids:
+                    r.num_decode_steps += 1
+                r.output_token_ids.extend(toks)
+                if logprobs is not None:
+                    r.logprobs.extend(logprobs[start:off])
+                if r.spec_inflight:
+                    self._verified(r, e, num_drafted[i] if num_drafted else 0)
+                sampled.append((r, toks))
         for r in self.running:
             if r.num_computed_tokens // bs > r.num_cached_blocks:    # a block filled: cache it (cheap test first)
                 self._cache_full_blocks(r)
         return sampled
+
+    def _verified(self, r: Request, emitted: int, drafted: int) -> None:
+        """A speculating request's result landed: its KV is valid for its known tokens but the last;
+        keep the blocks that covers, return the rest (the worker trims its row by the same rule)."""
+        r.spec_inflight = False
+        r.spec_proposed += drafted
+        if drafted:
+            r.spec_accepted += emitted - 1
+        if self.spec is not None:
+            self.spec.observe(r, drafted, emitted)
+        if r.status != RequestStatus.RUNNING:
+            return                      # preempted meanwhile: released, recomputed from scratch
+        r.num_computed_tokens += emitted - 1
+        keep = -(-r.num_computed_tokens // self.block_size)
+        if len(r.block_ids) > keep:
+            self.allocator.free(r.block_ids[keep:])
+            del r.block_ids[keep:]
 
     def _extend_hashes(self, req: Request) -> None:
         full = req.num_tokens // self.block_size
@@ -605,6 +700,10 @@ class Scheduler:
         """Per tenant: prefill and decode tokens scheduled on this worker since it started, its
         counter, weight, waiting and running requests (copies: the caller may keep them)."""
         return {name: TenantTokens(**vars(t)) for name, t in self._tenants.items()}
+
+    def spec_totals(self) -> dict[str, SpecCounters]:
+        """Speculation counters per method since start (copies); empty when speculation is off."""
+        return {m: SpecCounters(**vars(c)) for m, c in self.spec.counters.items()} if self.spec else {}
 
     def stats(self) -> SchedulerStats:
         a = self.allocator
