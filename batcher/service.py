@@ -156,6 +156,7 @@ class BatcherService:
         self._window = AdmissionWindow(cfg.admission_window_ms / 1000)
         self._tasks: list[asyncio.Task] = []
         self._tokenizer = None
+        self._speculative = False
 
     # ---- start / stop ----------------------------------------------------------------------
     @property
@@ -218,6 +219,8 @@ class BatcherService:
         self.core = build_engine_core(self.cfg.engine, num_blocks=info.num_blocks, block_size=info.block_size,
                                       max_model_len=info.max_model_len, runner=None, tokenizer=self._tokenizer)
         self.core.adapter_check = self.adapters.check
+        # speculative decoding configured (batcher/spec_policy.py decides per request per step)
+        self._speculative = self.cfg.engine.speculative_method != "off" and hasattr(self.core, "spec_totals")
         self.core.scheduler.max_queue_delay_s = self.cfg.max_queue_delay_ms / 1000   # honest admission
         self.core.set_kv_event_callback(self._on_kv_event)
         # A fresh allocator: whatever the index believed about this worker is gone.
@@ -384,7 +387,20 @@ class BatcherService:
             self._timer.observe(head.plan.num_tokens, result.execute_ms / 1000)
             self._watch.observe(head.plan.num_tokens, result.execute_ms / 1000)
             self.metrics.step(now - head.started, head.plan.num_tokens)
+            if self._speculative:
+                self._charge_drafts(head.plan)
             chunks = self._encode_outputs(core.process(result))
+            if self._speculative:   # per-method drafts proposed / accepted, by difference (O(methods))
+                self.metrics.spec_totals(core.spec_totals())
+
+    def _charge_drafts(self, plan: StepPlan) -> None:
+        """A speculating request computed 1 + k of the step's tokens, where CostMeter bills each request
+        one token per step: bill its k draft slots too (accepted or not, they were computed)."""
+        c = self.metrics.cost.last_token_cost
+        base = self._cost_base
+        for r in plan.running:
+            if r.num_spec_tokens and r.request_id in base:
+                base[r.request_id] -= r.num_spec_tokens * c
 
     async def _send(self, plan: StepPlan, inflight: deque[_InFlight]) -> None:
         trace = self._spans.step_context(plan) if self._spans is not None and self._spans.reqs else None
@@ -459,6 +475,12 @@ class BatcherService:
                 base = self._cost_base.pop(o.request_id, None)
                 attempts.pop(o.request_id, None)
                 u.cost_usd = cost.integral - base if base is not None else 0.0
+                # speculative decoding: drafts verified / accepted and decode steps (its tokens per step:
+                # (completion_tokens - 1) / decode_steps); the router copies usage to the client unchanged
+                u.spec_proposed_tokens = o.spec_proposed
+                u.spec_accepted_tokens = o.spec_accepted
+                u.decode_steps = o.decode_steps
+                self.metrics.request_tokens_per_step(o.num_output_tokens, o.decode_steps)
                 self.metrics.request_finished(self._priority.pop(o.request_id, 0), o.finish_reason, o.queue_ms,
                                               o.prefill_ms, o.decode_ms)
                 if spans is not None:

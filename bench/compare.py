@@ -8,6 +8,10 @@
 --routing   round_robin vs least_loaded vs kv over a real 2-worker stack (one fresh stack per
             policy) on the shared-prefix workload: prefix-cache hit rate, TTFT p50/p99.
 With none of the three flags, all three run.
+--speculative  the speculative-decoding trade-off study instead (bench/spec_bench.py, its own flags:
+            `switchyard bench compare --speculative --help`): continuous batching alone, + prefix
+            caching, + each speculation method, + both, on copy-heavy / shared-prefix / chat workloads
+            at low load and saturation.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batching", action="store_true")
     ap.add_argument("--engine", action="store_true")
     ap.add_argument("--routing", action="store_true")
+    ap.add_argument("--speculative", action="store_true",
+                    help="the speculative-decoding study (bench/spec_bench.py; its flags follow, e.g. --quick)")
     ap.add_argument("--model", default="smollm2-135m", help="built-in name, e.g. smollm2-135m or random:llama-1b")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--request-rate", type=float, default=2.0, help="Poisson arrivals, requests/s")
@@ -239,6 +245,10 @@ def plots(rep: dict, out_dir: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--speculative" in argv:   # a study of its own, with its own flags
+        from bench import spec_bench
+        return spec_bench.main([a for a in argv if a != "--speculative"])
     args = build_parser().parse_args(argv)
     rep = run(args)
     print_report(rep)

@@ -77,6 +77,12 @@ TENANT_COST = "switchyard_tenant_cost_usd"                    # _total{tenant,ba
 TENANT_STREAMS = "switchyard_tenant_open_streams"             # {tenant}: on this router
 # fair shares (batcher/scheduler.py; issue 17): tokens the batcher scheduled per tenant
 TENANT_PROCESSED_TOKENS = "switchyard_batcher_tenant_processed_tokens"   # _total{model,worker,tenant,phase}
+# speculative decoding (batcher/spec_policy.py; issue 21): per method, from EngineCore.spec_totals() each step
+SPEC_PROPOSED = "switchyard_spec_proposed_tokens"     # _total{model,worker,method}: drafts verified
+SPEC_ACCEPTED = "switchyard_spec_accepted_tokens"     # _total{model,worker,method}: drafts accepted
+SPEC_VERIFY_ROWS = "switchyard_spec_verify_rows"      # _total{model,worker,method}: one request's speculative step
+SPEC_EMITTED = "switchyard_spec_emitted_tokens"       # _total{model,worker,method}: tokens those rows emitted
+TOKENS_PER_STEP = "switchyard_request_tokens_per_step"   # {model,worker}: tokens after the first / decode steps
 
 GENAI_OTEL_NAMES = {GENAI_TTFT: "gen_ai.server.time_to_first_token",
                     GENAI_TPOT: "gen_ai.server.time_per_output_token",
@@ -88,6 +94,9 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# tokens per decode step of one request: 1 without speculation, up to k + 1 with it (k <= 16)
+TOKENS_PER_STEP_BUCKETS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0)
+SPEC_FIELDS = ("proposed", "accepted", "verify_rows", "emitted")   # batcher/spec_policy.py SpecCounters
 
 # Output-position buckets for ITL by position (bench/metrics.py and the batcher use these same ones).
 # "ITL at position k" (k >= 2) is the gap before output token k: the time from the chunk that carried
@@ -273,6 +282,21 @@ class BatcherMetrics:
                                   WLABELS + ("reason",), registry=r)
         self.finished = Counter(BATCHER_FINISHED, "Requests finished by the batcher",
                                 RLABELS + ("finish_reason",), registry=r)
+        # speculative decoding: the engine's cumulative per-method counters, exported by difference
+        mlab = WLABELS + ("method",)
+        self.spec = {"proposed": Counter(SPEC_PROPOSED, "Draft tokens verified, by speculation method", mlab,
+                                         registry=r),
+                     "accepted": Counter(SPEC_ACCEPTED, "Draft tokens accepted by verification, by method", mlab,
+                                         registry=r),
+                     "verify_rows": Counter(SPEC_VERIFY_ROWS, "Verification rows (one request's speculative "
+                                            "decode in one step), by method", mlab, registry=r),
+                     "emitted": Counter(SPEC_EMITTED, "Tokens emitted by verification rows (accepted drafts + 1 "
+                                        "each), by method", mlab, registry=r)}
+        self._spec_children: dict = {}
+        self._spec_last: dict[str, tuple] = {}      # method -> the SPEC_FIELDS values last exported
+        self.tokens_per_step = Histogram(TOKENS_PER_STEP, "Output tokens after the first / decode steps of each "
+                                         "finished request (1 without speculation)", WLABELS, registry=r,
+                                         buckets=TOKENS_PER_STEP_BUCKETS)
         self.cost_per_1k = Gauge(COST_PER_1K, "USD per 1K generated tokens at the measured tokens/s",
                                  WLABELS, registry=r)
         self.cost_total = Counter(COST_TOTAL, "USD of GPU time spent in engine steps", WLABELS, registry=r)
@@ -286,6 +310,7 @@ class BatcherMetrics:
         if model != self.model:
             self.model = model
             self._itl_children.clear()
+            self._spec_children.clear()
             self._cost_total = self.cost_total.labels(model, self.worker)
             self.gpu_price.labels(model, self.worker).set(self.cost.price_per_s * 3600.0)
 
@@ -317,6 +342,33 @@ class BatcherMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(self.model, self.worker, reason).inc()
+
+    def spec_totals(self, totals: dict) -> None:
+        """Per step: the engine's cumulative per-method counters (EngineCore.spec_totals(), method ->
+        SpecCounters) into the spec counters, by difference. O(methods); a smaller value than last
+        time means the core was rebuilt, so it counts from there."""
+        for method, c in totals.items():
+            now = (c.proposed, c.accepted, c.verify_rows, c.emitted)
+            last = self._spec_last.get(method)
+            if now == last:
+                continue
+            self._spec_last[method] = now
+            kids = self._spec_children.get(method)
+            if kids is None:
+                kids = self._spec_children[method] = tuple(self.spec[f].labels(self.model, self.worker, method)
+                                                           for f in SPEC_FIELDS)
+            if last is None or any(v < v0 for v, v0 in zip(now, last)):
+                last = (0, 0, 0, 0)   # a rebuilt core: its counts so far are all new
+            for child, v, v0 in zip(kids, now, last):
+                if v > v0:
+                    child.inc(v - v0)
+
+    def request_tokens_per_step(self, completion_tokens: int, decode_steps: int) -> None:
+        """A finished request's tokens per decode step: its tokens after the first (which its prefill
+        produced) over its decode steps (Usage.decode_steps); 1.0 without speculation. No
+        observation without decode steps."""
+        if decode_steps > 0:
+            self.tokens_per_step.labels(self.model, self.worker).observe((completion_tokens - 1) / decode_steps)
 
     def request_finished(self, priority: int, finish_reason: str, queue_ms: float, prefill_ms: float,
                          decode_ms: float) -> None:
@@ -354,6 +406,7 @@ class BatcherMetrics:
     def reset_totals(self) -> None:
         self._last.clear()
         self._last_emit.clear()   # a fresh core: the old requests are gone
+        self._spec_last.clear()
 
 
 class WorkerMetrics:
