@@ -126,8 +126,9 @@ class Scheduler:
         self._vtc_floor = 0.0           # counter of the last tenant that went idle
         self._next_seq = 0
         self._step_id = 0
-        # step id -> (prefill tokens, decode rows, query tokens); verification slots count as prefill
-        self._step_work: dict[int, tuple[int, int, int]] = {}
+        # step id -> (prefill tokens, decode rows, query tokens, prompt chunk tokens); verification
+        # slots count as prefill
+        self._step_work: dict[int, tuple[int, int, int, int]] = {}
         self._worker_forget: list[str] = []                  # ids the worker must drop next step
         self._preempted_now: set[str] = set()                # preempted while planning this step
         self.num_preemptions = 0
@@ -555,7 +556,7 @@ class Scheduler:
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id, finished_ids=self._worker_forget)
         self._worker_forget = []
-        prefill = decode_rows = 0
+        prefill = decode_rows = chunk_tokens = 0
         for s in scheduled.values():
             r = s.request
             n = s.num_new_tokens
@@ -571,6 +572,7 @@ class Scheduler:
                 prefill += k            # verification slots cost like prompt tokens (the predictor's rates)
             else:
                 prefill += n
+                chunk_tokens += n
             # Advance now, not when the result lands, so the next step can be planned while this
             # one runs (the batcher keeps one plan queued at the worker). A chunk that reaches the
             # end of the sequence samples a token nobody knows yet: count it as pending.
@@ -593,7 +595,7 @@ class Scheduler:
                 r.sent_to_worker = True
         if scheduled:
             work = self._step_work
-            work[self._step_id] = (prefill, decode_rows, prefill + decode_rows)
+            work[self._step_id] = (prefill, decode_rows, prefill + decode_rows, chunk_tokens)
             if len(work) > _STEPS_REMEMBERED:   # a plan whose result never came (worker lost)
                 del work[next(iter(work))]
         return plan
@@ -604,7 +606,10 @@ class Scheduler:
         work = self._step_work.pop(step_id, None)
         if work is not None:
             self.predictor.observe_step(work[0], work[1], execute_s)
-            if self.spec is not None:
+            # The policy prices draft slots from steps of decodes and verifications only: a prompt
+            # chunk's tokens are far cheaper each (large matmuls; on CPU the float32 path instead of
+            # the few-row block kernels), and fitting them in would underprice a draft slot.
+            if self.spec is not None and not work[3]:
                 self.spec.observe_step(work[2], 1000 * execute_s, 1000 * draft_s, drafted)
 
     # ---- after the worker ran the plan ------------------------------------------------------
