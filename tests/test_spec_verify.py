@@ -332,7 +332,8 @@ def test_a_draft_model_is_asked_for_the_speculating_rows_without_drafts(runner, 
 
 def test_verification_layout_is_the_same_packed_for_the_device():
     """The CUDA layout (one packed host->device copy) against the CPU one, for a step holding a prefill
-    chunk, a verification row with its drafts and a decode."""
+    chunk, a verification row with its drafts and a decode. The verification is decode-shaped: one
+    decode token per position, each attending to the context up to itself."""
     def prepare(pack: bool):
         inputs = StepInputs(max_rows=4, max_blocks_per_seq=4, block_size=BS, device=torch.device("cpu"),
                             vocab_size=100, pack=pack)
@@ -349,7 +350,10 @@ def test_verification_layout_is_the_same_packed_for_the_device():
     assert cpu.positions.tolist() == list(range(4, 12)) + [19, 20, 21, 22, 2]
     assert cpu.meta.slot_mapping.tolist() == dev.meta.slot_mapping.tolist()
     assert cpu.meta.slot_mapping.tolist()[8:12] == [1 * BS + 3, 1 * BS + 4, 1 * BS + 5, 1 * BS + 6]
-    assert cpu.meta.prefill_query_lens == [8, 4] and cpu.meta.prefill_context_lens == [12, 23]
+    assert cpu.meta.prefill_query_lens == [8] and cpu.meta.prefill_context_lens == [12]
+    assert cpu.meta.num_decode_tokens == 5
+    assert cpu.meta.decode_context_lens.tolist() == dev.meta.decode_context_lens.tolist() == [20, 21, 22, 23, 3]
+    assert cpu.meta.decode_rows.tolist() == dev.meta.decode_rows.tolist() == [0, 0, 0, 0, 2]
     # the plain rows (d), then a's four positions; steps: the output index of each position's sample
     assert cpu.sample_idx.tolist() == dev.sample_idx.tolist() == [12, 8, 9, 10, 11]
     assert [r for r, _ in cpu.sample_seqs] == ["d"] and [r for r, _ in cpu.verify.seqs] == ["a"]

@@ -217,10 +217,10 @@ class ModelRunner:
 
         # Prefill segments first, then single-token (decode) segments: the attention layout.
         # Within each, rows of one LoRA slot lie together (one segment per adapter).
-        # A verification segment (1 + m tokens) lies with the prefill segments.
+        # A verification (1 + m tokens) lies with the decodes: it is laid out as 1 + m decode tokens.
         lora = any(w[1].slot for w in work)
         if lora or any(w[2] != 1 for w in work):
-            work.sort(key=lambda w: (w[2] == 1, w[1].slot))
+            work.sort(key=lambda w: (w[2] == 1 or w[0] in drafts, w[1].slot))
         step = self.inputs.prepare(work, prev_tokens=last.tokens if last is not None else None,
                                    drafts=drafts or None)
         self.last_step_input_bytes = self.inputs.last_bytes
@@ -231,7 +231,7 @@ class ModelRunner:
             lora_batch = LoraBatch.build(self.lora, lora_rows, device=self.device)
         D = step.meta.num_decode_tokens
         if (lora_batch is None and D == step.num_tokens and self.decode_graphs is not None
-                and self.decode_graphs.fits(D)):
+                and step.verify is None and self.decode_graphs.fits(D)):
             hidden = self.decode_graphs.run(step)
         elif lora_batch is None:
             hidden = self.model(step.input_ids, step.positions, step.meta, self.kv_caches)

@@ -205,11 +205,14 @@ class StepInputs:
         A token still being sampled by the previous launched step (seq.pending) is not on the host
         yet: its input slot is filled on the device from `prev_tokens[seq.pending_src]`.
 
-        drafts: request id -> draft tokens to verify (m >= 1). Such a request's segment is its last
-        known token then the drafts (n == 1 + m, laid out like a prefill chunk with prior context),
-        and every one of its 1 + m positions is sampled (PreparedStep.verify)."""
+        drafts: request id -> draft tokens to verify (m >= 1). Such a request computes its last
+        known token then the drafts (n == 1 + m; it must lie with the decodes in `work`), laid out
+        as 1 + m decode tokens of its row with context lengths c+1 .. c+1+m: the KV of every token
+        is written before attention reads it, so each position sees exactly the ones before it,
+        and the step keeps the decode path (fused kernels, no per-segment prefill attention: on
+        CPU a prefill-shaped verification segment cost about twice its decode-shaped layout).
+        Every one of its 1 + m positions is sampled (PreparedStep.verify)."""
         bs = self.block_size
-        B = len(work)
         rows_l, starts_l, lens_l, ids = [], [], [], []
         sample_seg: list[int] = []
         sample_seqs: list[tuple[str, SeqSlot]] = []
@@ -221,14 +224,9 @@ class StepInputs:
         ver_drafts: list[list[int]] = []
         ver_steps: list[int] = []
         num_prefill = 0
-        for k, (rid, st, n) in enumerate(work):
+        for rid, st, n in work:
             c = st.num_computed
-            rows_l.append(st.row)
-            starts_l.append(c)
-            lens_l.append(n)
             known = len(st.token_ids)
-            if n != 1:
-                num_prefill += 1
             d = drafts.get(rid) if drafts else None
             if d:
                 if n != 1 + len(d) or c + 1 != known or st.pending:
@@ -236,14 +234,24 @@ class StepInputs:
                                      f"(n={n}, {len(d)} drafts, computed {c} of {known}, pending {st.pending})")
                 if st.needs_history:
                     raise ValueError(f"request {rid}: penalties are not combined with speculation")
+                ver_seg.append(len(rows_l))      # its first decode token
+                rows_l.extend([st.row] * n)
+                starts_l.extend(range(c, c + n))
+                lens_l.extend([1] * n)
                 ids.append(st.token_ids[c])
                 ids.extend(d)
                 st.num_computed = c + n
-                ver_seg.append(k)
                 ver_seqs.append((rid, st))
                 ver_drafts.append(d)
                 ver_steps.append(c + 1 - st.num_prompt_tokens)    # the output index of position c's sample
                 continue
+            rows_l.append(st.row)
+            starts_l.append(c)
+            lens_l.append(n)
+            if n != 1:
+                if num_prefill != len(rows_l) - 1:
+                    raise ValueError("prefill segments must come before decodes and verifications in a step")
+                num_prefill += 1
             if c + n > known:                    # the last input is the previous step's sample
                 ids.extend(st.token_ids[c:known])
                 late_dst.append(len(ids))
@@ -256,7 +264,7 @@ class StepInputs:
             c += n
             st.num_computed = c
             if c == known + st.pending:
-                sample_seg.append(k)
+                sample_seg.append(len(rows_l) - 1)
                 sample_seqs.append((rid, st))
                 steps_l.append(c - st.num_prompt_tokens)
         rows = np.array(rows_l, dtype=_I64)
@@ -264,6 +272,7 @@ class StepInputs:
         lens = np.array(lens_l, dtype=_I64)
         ctx = starts + lens
         T = len(ids)
+        B = len(rows_l)                              # segments (a verification: one per position)
         if T == B:                                   # every segment is one token (pure decode)
             positions, tok_rows = starts, rows
         else:
