@@ -32,9 +32,11 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-# Generated messages to every RPC of every front door (tests/fuzz/): 10,000 per RPC (make test runs a few).
+# Generated messages to every RPC of every front door (tests/fuzz/): 10,000 per RPC (make test runs a few);
+# what each RPC answered goes to $(FUZZ_REPORT) as JSON.
+FUZZ_REPORT ?= /tmp/switchyard-fuzz-report.json
 fuzz: install
-	SWITCHYARD_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/fuzz
+	SWITCHYARD_FUZZ_EXAMPLES=10000 SWITCHYARD_FUZZ_REPORT=$(FUZZ_REPORT) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 
 protos: install
 	$(PY) -m protos.gen

@@ -58,6 +58,7 @@ class StepTimer:
 
 # ---- honest admission: how long a new request would wait for its first token ----------------------
 EWMA_ALPHA = 0.2          # weight of the newest step in the rate estimates: follows load within ~5 steps
+HOLD_ALPHA = 0.1          # weight of the newest finished request in the mean seat hold (in steps)
 MIN_PREFILL_SAMPLE = 16   # prefill tokens a step needs before its time says anything about the rate
 _EVENTS = 64              # recent admissions / finishes the drain and seat rates are measured over
 RETRY_MIN_S = 0.05        # retry-after bounds: no sooner than a step or two, no later than a minute
@@ -91,12 +92,51 @@ class _RateWindow:
         return after / max(now - start, 1e-3)
 
 
+class _DecodeSteps:
+    """Decode step time by batch size. Measured per power-of-two bucket of rows (EWMA of the time
+    and of the rows), interpolated between measured buckets and held flat beyond them: a CPU's step
+    grows with its rows (measured: 4 rows 28 ms, 64 rows 330-650 ms), a GPU's hardly at all."""
+
+    def __init__(self):
+        self._buckets: dict[int, list[float]] = {}   # rows.bit_length() -> [rows EWMA, seconds EWMA]
+
+    def observe(self, rows: int, execute_s: float) -> None:
+        b = self._buckets.get(rows.bit_length())
+        if b is None:
+            self._buckets[rows.bit_length()] = [float(rows), execute_s]
+        else:
+            b[0] += EWMA_ALPHA * (rows - b[0])
+            b[1] += EWMA_ALPHA * (execute_s - b[1])
+
+    def predict_s(self, rows: int) -> float | None:
+        if not self._buckets:
+            return None
+        lo = hi = None
+        for n, t in self._buckets.values():
+            if n <= rows and (lo is None or n > lo[0]):
+                lo = (n, t)
+            if n >= rows and (hi is None or n < hi[0]):
+                hi = (n, t)
+        if lo is None:
+            return hi[1]
+        if hi is None or hi[0] == lo[0]:
+            return lo[1]
+        return lo[1] + (hi[1] - lo[1]) * (rows - lo[0]) / (hi[0] - lo[0])
+
+
 class WaitPredictor:
     """Predicts a new request's wait for its first token from what the batcher measured: the
-    prefill rate (tokens/s of prompt work a step does beyond a plain decode step), the decode step
-    time, how fast waiting requests get a seat (the drain rate) and how fast running ones finish
-    (the seat rate). All from step results and admissions, never from constants, so a slow box,
-    a long-prompt tenant or a model swap show up within a few steps.
+    prefill rate (tokens/s of prompt work a step does beyond its decode rows), the decode step time
+    by batch size, how many steps a request holds its seat (the mean over finished requests) and
+    how long the running ones have held theirs. All from step results, admissions and finishes,
+    never from constants, so a slow box, a long-prompt tenant or a model swap show up within a few
+    steps.
+
+    The wait is serial work: the prompt work queued ahead plus the decode steps until a seat is free
+    for this request. A burst's cohort shows why both matter (300 at once against 64 seats on one
+    CPU worker): the seats fill in one step, so the 65th arrival waits for the first cohort's whole
+    generation (32 steps of 64 rows, ~13 s), the 129th for two, and every step meanwhile also
+    carries the prefills of those admitted before it.
 
     Without measurements (a fresh batcher) it predicts nothing (None) and admission falls back to
     the queue bound alone: a guess would reject good requests on a fast machine or admit hopeless
@@ -104,60 +144,120 @@ class WaitPredictor:
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
-        self.decode_step_s: float | None = None    # a step without prefill work
+        self.decode_step_s: float | None = None    # a step without prefill work (any batch size)
         self.prefill_tok_s: float | None = None    # prompt tokens per second of step time
+        self.hold_steps: float | None = None       # steps a request holds its seat, admission to finish
+        self._holds = 0                            # finished requests the hold was measured on
+        self._decode = _DecodeSteps()
+        self._steps = 0                            # steps observed: the clock seat holds are counted in
+        self._seated: deque[int] = deque()         # step of each running request's admission, oldest first
         self._drained = _RateWindow()              # waiting -> running
         self._finished = _RateWindow()             # running -> done (a seat frees)
 
     # ---- measurements ------------------------------------------------------------------------
     def observe_step(self, prefill_tokens: int, decode_rows: int, execute_s: float) -> None:
+        self._steps += 1
         if execute_s <= 0:
             return
         if prefill_tokens == 0:
             if decode_rows:
                 self.decode_step_s = _ewma(self.decode_step_s, execute_s)
+                self._decode.observe(decode_rows, execute_s)
+                self._reconcile(decode_rows)
             return
         if prefill_tokens < MIN_PREFILL_SAMPLE:
             return
-        # The decode rows of a mixed step cost about a plain decode step; the rest is prefill.
-        base = self.decode_step_s if decode_rows and self.decode_step_s is not None else 0.0
+        # The decode rows of a mixed step cost about a plain decode step of as many rows; the rest is prefill.
+        base = (self._decode.predict_s(decode_rows) or 0.0) if decode_rows else 0.0
         prefill_s = max(execute_s - base, execute_s * 0.1)
         self.prefill_tok_s = _ewma(self.prefill_tok_s, prefill_tokens / prefill_s)
 
+    def _reconcile(self, decode_rows: int) -> None:
+        """A step with no prefill decoded every running request but those admitted since it was
+        planned: seats counted beyond that are requests preempted back to the queue (no finish is
+        noted for them); drop the oldest."""
+        if len(self._seated) <= decode_rows:
+            return
+        recent = self._steps - 3   # the step planned at most two results before this one
+        newer = 0
+        for s in reversed(self._seated):
+            if s < recent:
+                break
+            newer += 1
+        for _ in range(len(self._seated) - decode_rows - newer):
+            self._seated.popleft()
+
     def note_admitted(self, count: int = 1) -> None:
         self._drained.note(self.clock(), count)
+        self._seated.extend([self._steps] * count)
 
     def note_finished(self, count: int = 1) -> None:
         self._finished.note(self.clock(), count)
+        for _ in range(count):
+            if not self._seated:
+                break
+            # Paired oldest first: over complete sets the mean hold is exact whatever the pairing.
+            held = self._steps - self._seated.popleft()
+            # The mean of the first few, then an EWMA: a lone short probe first must not dominate.
+            self._holds += 1
+            self.hold_steps = _ewma(self.hold_steps, held, max(HOLD_ALPHA, 1.0 / self._holds))
 
     def note_idle(self) -> None:
         """Nothing running or waiting: the rates restart with the next busy period. Idle time is not
-        a stall; counted in, minutes without traffic would predict minutes of wait for the next burst."""
+        a stall; counted in, minutes without traffic would predict minutes of wait for the next burst.
+        The step times and the seat hold are properties of the model and the traffic: they stay."""
         self._drained.clear()
         self._finished.clear()
+        self._seated.clear()
 
     def drain_rate(self) -> float | None:
         """Waiting requests given a seat per second, lately."""
         return self._drained.rate(self.clock())
 
+    def decode_s(self, rows: int) -> float:
+        """Seconds of a decode step of `rows` rows: measured by batch size, and never faster than the
+        measured prefill rate would process as many tokens (a step of 64 decode rows is not measured
+        until 64 seats are full, which is too late for the burst that fills them)."""
+        t = self._decode.predict_s(rows)
+        if t is None:
+            t = self.decode_step_s or 0.0
+        if self.prefill_tok_s:
+            t = max(t, rows / self.prefill_tok_s)
+        return t
+
     # ---- predictions ---------------------------------------------------------------------------
     def queue_wait_s(self, *, tokens_ahead: int, requests_ahead: int, free_seats: int,
                      budget: int) -> float | None:
         """Seconds until a request arriving now starts its prefill: the prompt work queued ahead of
-        it, or, when every seat will be taken by then, the time for enough running requests to
-        finish, whichever is longer; plus the step in flight. None: not measured yet."""
+        it, plus the decode steps until a seat is free for it (or, with seats free, the steps that
+        prompt work is spread over), plus the step in flight. None: not measured yet."""
         rate = self.prefill_tok_s
         if rate is None:
             return None
-        step = self.decode_step_s or 0.0
-        prefill_ahead = tokens_ahead / rate + -(-tokens_ahead // max(1, budget)) * step
-        seat_wait = 0.0
-        short = requests_ahead + 1 - free_seats
-        if short > 0:
-            seats = self._finished.rate(self.clock())
-            if seats is not None:
-                seat_wait = short / seats
-        return max(prefill_ahead, seat_wait) + step
+        running = len(self._seated)
+        seats = running + free_seats
+        rows = max(1, min(seats, running + requests_ahead + 1))
+        step = self.decode_s(rows)
+        prefill_steps = -(-tokens_ahead // max(1, budget))
+        short = requests_ahead + 1 - free_seats    # seats that must free first, its own included
+        seat_s = 0.0
+        if short > 0 and seats > 0 and self.hold_steps is not None:
+            seat_s = self._seat_steps(short, free_seats, seats) * step
+        elif short > 0:                            # no request finished yet: the seat rate, if any
+            seat_rate = self._finished.rate(self.clock())
+            if seat_rate is not None:
+                seat_s = short / seat_rate
+        return tokens_ahead / rate + max(seat_s, prefill_steps * step) + self.decode_s(max(1, running))
+
+    def _seat_steps(self, short: int, free_seats: int, seats: int) -> float:
+        """Steps until the `short`-th seat opening from now. Each seat is a lane: a running request
+        frees it after the rest of its hold (the mean hold less the steps it has run, at least one),
+        a free seat after the request that takes it now has held it; then every hold after that."""
+        hold = max(1.0, self.hold_steps or 1.0)
+        now = self._steps
+        first = sorted([max(1.0, hold - (now - s)) for s in self._seated] + [hold] * free_seats)
+        rounds, lane = divmod(short - 1, seats)
+        return first[lane] + rounds * hold
 
     def prefill_s(self, prompt_tokens: int, budget: int) -> float:
         """Seconds of steps to prefill a prompt of this length (0 before a measurement)."""
@@ -166,12 +266,18 @@ class WaitPredictor:
         return prompt_tokens / self.prefill_tok_s + -(-prompt_tokens // max(1, budget)) * (self.decode_step_s or 0.0)
 
     def retry_after_s(self, requests_ahead: int, fallback_s: float) -> float:
-        """When a refused request should come back: the time the queue ahead of it takes to drain at
-        the measured drain rate (`fallback_s`, e.g. the predicted wait, before one was measured)."""
-        rate = self.drain_rate()
-        est = requests_ahead / rate if rate else fallback_s
+        """When a refused request should come back: the time the queue ahead of it takes to drain.
+        `fallback_s` is the caller's queue_wait_s (the queue ahead seated and prefilled, from the
+        measured rates); without one, the measured drain rate. The drain rate alone misleads in
+        a burst: a cohort seated in one step reads as a fast drain though the next seats open
+        only when that cohort finishes."""
+        if self.prefill_tok_s is not None:
+            est = fallback_s
+        else:
+            rate = self.drain_rate()
+            est = requests_ahead / rate if rate else fallback_s
         return min(RETRY_MAX_S, max(RETRY_MIN_S, self.decode_step_s or 0.0, est))
 
 
-def _ewma(old: float | None, sample: float) -> float:
-    return sample if old is None else old + EWMA_ALPHA * (sample - old)
+def _ewma(old: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
+    return sample if old is None else old + alpha * (sample - old)

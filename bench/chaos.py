@@ -14,8 +14,11 @@ cancels; slow readers. Per fault it prints and writes (`--json`):
 * lost_silently: a stream that ended without a final chunk and without an error.
 * hung: a stream still open `--hang-s` (30) seconds after the fault (then cancelled by the bench).
 
-`--soak MINUTES`: moderate load for that long and the RSS of every process of the stack at the start
-and the end (growth %). The load average before the run is in the JSON (`machine`).
+`--soak MINUTES`: moderate load for that long and the RSS of every process of the stack every
+`--sample-s` (30) seconds: per process the growth from the start, the growth after a warm-up (the
+first 10% of the run, at least 2 minutes) and a least-squares slope per hour after it, so a heap that
+settles is told apart from a leak; with JetStream's own usage beside nats-server's RSS. The load
+average before the run is in the JSON (`machine`), and at each sample.
 """
 from __future__ import annotations
 
@@ -392,13 +395,18 @@ class Chaos:
                 "answered_s": time.monotonic() - t}
 
     async def burst(self, stub) -> dict:
-        """10x the steady streams at once: each gets a first token or a rejection."""
+        """`--burst-factor` times the steady streams at once, each with a `--hang-s` deadline: each must
+        get a first token within it or a refusal within 100 ms (`goal_missed` counts those that did
+        not). A refusal's retry-after-ms is set beside the time the queue ahead of it actually took:
+        from the refusal until the last request accepted before it got its first token."""
         import grpc
         n = self.args.streams * self.args.burst_factor
+        t0 = time.monotonic()
 
-        async def one(i: int) -> tuple[str, float, str]:
-            """(first_token | the status of a refusal, seconds until it, how the stream ended)"""
+        async def one(i: int) -> dict:
             t = time.monotonic()
+            rec = {"i": i, "start_s": round(t - t0, 4), "outcome": "no_tokens", "after_s": None, "ended": None,
+                   "retry_after_ms": None}
             first: float | None = None
             try:
                 async for r in stub.Generate(_gen(self.args.model, f"{PROMPTS[i % len(PROMPTS)]} burst {i}",
@@ -406,19 +414,50 @@ class Chaos:
                     if r.token_ids and first is None:
                         first = time.monotonic() - t
                     if r.finish_reason:
-                        return "first_token", first or 0.0, "completed"
-                return "first_token" if first else "no_tokens", first or time.monotonic() - t, "lost_silently"
+                        rec["ended"] = "completed"
+                        break
+                else:
+                    rec["ended"] = "lost_silently"
             except grpc.aio.AioRpcError as e:
-                if first is not None:
-                    return "first_token", first, e.code().name
-                return e.code().name, time.monotonic() - t, e.code().name
-        outs = await asyncio.gather(*(one(i) for i in range(n)))
+                rec["ended"] = e.code().name
+                if first is None:
+                    rec["outcome"] = e.code().name
+                for k, v in (e.trailing_metadata() or ()):
+                    if k == "retry-after-ms":
+                        rec["retry_after_ms"] = int(v)
+            if first is not None:
+                rec["outcome"] = "first_token"
+            rec["after_s"] = round(first if first is not None else time.monotonic() - t, 4)
+            return rec
+        recs = await asyncio.gather(*(one(i) for i in range(n)))
         by: dict[str, list[float]] = {}
-        for kind, dt, _ in outs:
-            by.setdefault(kind, []).append(dt)
-        ended = [e for _, _, e in outs]
-        return {"requests": n, "ended": {e: ended.count(e) for e in sorted(set(ended))},
-                **{k: {"count": len(v), "max_s": max(v), "median_s": sorted(v)[len(v) // 2]} for k, v in by.items()}}
+        for r in recs:
+            by.setdefault(r["outcome"], []).append(r["after_s"])
+        ended = [r["ended"] for r in recs]
+        # The goal: a first token within the deadline, or a refusal within 100 ms.
+        missed = [r for r in recs if r["outcome"] != "first_token" and r["after_s"] > 0.1]
+        accepted = [(r["start_s"], r["start_s"] + r["after_s"]) for r in recs if r["outcome"] == "first_token"]
+        ratios = []
+        for r in recs:
+            if r["retry_after_ms"] is None or r["outcome"] != "RESOURCE_EXHAUSTED":
+                continue
+            at = r["start_s"] + r["after_s"]
+            ahead = [ft for st, ft in accepted if st <= r["start_s"]]
+            actual = max(ahead) - at if ahead else None
+            r["queue_actual_s"] = None if actual is None else round(actual, 4)
+            if actual and actual > 0:
+                ratios.append(r["retry_after_ms"] / 1000 / actual)
+        ratios.sort()
+        within2 = sum(1 for x in ratios if 0.5 <= x <= 2.0)
+        q = lambda v, f: v[min(len(v) - 1, int(f * len(v)))] if v else None   # noqa: E731
+        return {"requests": n, "deadline_s": self.args.hang_s, "ended": {e: ended.count(e) for e in sorted(set(ended))},
+                **{k: {"count": len(v), "max_s": max(v), "median_s": sorted(v)[len(v) // 2]} for k, v in by.items()},
+                "goal_missed": len(missed), "goal_missed_outcomes": {k: sum(1 for r in missed if r["outcome"] == k)
+                                                                     for k in sorted({r["outcome"] for r in missed})},
+                "retry_after_vs_actual": {"refusals_compared": len(ratios), "within_2x": within2,
+                                          "ratio_p10": q(ratios, 0.1), "ratio_p50": q(ratios, 0.5),
+                                          "ratio_p90": q(ratios, 0.9)},
+                "per_request": recs}
 
     async def cancels(self, stub) -> dict:
         """Requests cancelled mid-stream (after their first chunk), `--cancels` of them, 16 at a time;
@@ -505,24 +544,95 @@ async def run_chaos(args, up: UpStack) -> dict:
     return out
 
 
+def rss_trend(series: list[tuple[float, int | None]], warmup_s: float) -> dict:
+    """One process's RSS samples [(seconds since the start, bytes)]: growth from the first sample and
+    from the first sample after the warm-up (a Go heap or an allocator arena settles in its first
+    minutes), and the least-squares slope over the samples after the warm-up, per hour: a plateau has
+    a slope near 0, a leak a steady one."""
+    pts = [(t, b) for t, b in series if b]
+    if len(pts) < 2:
+        return {"samples": len(pts)}
+    first, last = pts[0][1], pts[-1][1]
+    after = [(t, b) for t, b in pts if t >= warmup_s] or pts[-1:]
+    base = after[0][1]
+    out = {"samples": len(pts), "start_bytes": first, "warm_bytes": base, "end_bytes": last,
+           "min_bytes": min(b for _, b in pts), "max_bytes": max(b for _, b in pts),
+           "growth_pct": 100.0 * (last - first) / first, "growth_after_warmup_pct": 100.0 * (last - base) / base,
+           "slope_bytes_per_h": None, "slope_pct_per_h": None}
+    if len(after) >= 3:
+        n = len(after)
+        mt = sum(t for t, _ in after) / n
+        mb = sum(b for _, b in after) / n
+        var = sum((t - mt) ** 2 for t, _ in after)
+        if var > 0:
+            slope_s = sum((t - mt) * (b - mb) for t, b in after) / var
+            out["slope_bytes_per_h"] = slope_s * 3600.0
+            out["slope_pct_per_h"] = 100.0 * slope_s * 3600.0 / base
+    return out
+
+
+async def jetstream_usage(nats_url: str) -> dict | None:
+    """JetStream account usage (memory and file bytes, streams, consumers): nats-server's own state
+    beside its RSS, to tell stored messages from heap. None when it cannot be read."""
+    try:
+        import nats
+        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    except Exception:   # noqa: BLE001 (a best-effort sample: TLS stacks or a restarting server)
+        return None
+    try:
+        info = await asyncio.wait_for(nc.jetstream().account_info(), 3.0)
+        return {"memory": info.memory, "storage": info.storage, "streams": info.streams,
+                "consumers": info.consumers}
+    except Exception:   # noqa: BLE001
+        return None
+    finally:
+        await nc.close()
+
+
 async def soak(args, up: UpStack, load: Load) -> dict:
-    """The steady load for --soak minutes; RSS of every process of the stack at the start and the end
-    (a process the launcher restarted meanwhile is named in `restarted`: its two figures are two processes)."""
+    """The steady load for --soak minutes; the RSS of every process of the stack every --sample-s
+    seconds, and per process the growth from the start and from the end of the warm-up (the first 10%
+    of the run, at least 2 minutes) with a least-squares slope per hour after it (a process the
+    launcher restarted meanwhile is named in `restarted`: its series spans two processes)."""
     pids0 = await asyncio.to_thread(up.pids)
-    start = await asyncio.to_thread(stack_rss, up)
+    nats_url = up.state().get("nats", "")
     t0 = time.monotonic()
-    await asyncio.sleep(args.soak * 60)
-    end = await asyncio.to_thread(stack_rss, up)
+    duration = args.soak * 60
+    warmup_s = min(max(0.1 * duration, 120.0), duration / 2)
+    samples: list[dict] = []
+
+    async def sample() -> dict:
+        rec = {"t_s": round(time.monotonic() - t0, 1), "rss_bytes": await asyncio.to_thread(stack_rss, up),
+               "loadavg": list(os.getloadavg()), "jetstream": await jetstream_usage(nats_url) if nats_url else None}
+        samples.append(rec)
+        mib = {k: round((v or 0) / 2**20, 1) for k, v in rec["rss_bytes"].items()}
+        print(f"soak t={rec['t_s']:.0f}s rss_mib={mib} js={rec['jetstream']} load={rec['loadavg'][0]:.2f}",
+              flush=True)
+        return rec
+
+    start = (await sample())["rss_bytes"]
+    while (left := t0 + duration - time.monotonic()) > 0:
+        await asyncio.sleep(min(args.sample_s, left))
+        await sample()
+    end = samples[-1]["rss_bytes"]
     pids1 = await asyncio.to_thread(up.pids)
     t1 = time.monotonic()   # the streams open now may finish (up to --hang-s) before they are counted
     while any(s.end is None and s.start <= t1 and time.monotonic() < s.start + args.hang_s for s in load.records):
         await asyncio.sleep(0.1)
     growth = {k: (100.0 * (end[k] - v) / v if v and end.get(k) else None) for k, v in start.items()}
+    trend = {k: rss_trend([(r["t_s"], r["rss_bytes"].get(k)) for r in samples], warmup_s) for k in start}
     summary = window_summary(load.records, t0, t1)
     mib = lambda b: (b or 0) / 2**20   # noqa: E731
     print(f"soak {args.soak} min: " + ", ".join(f"{k} {mib(start[k]):.0f}->{mib(end.get(k)):.0f} MiB" for k in start))
-    return {"minutes": args.soak, "rss_start_bytes": start, "rss_end_bytes": end, "rss_growth_pct": growth,
-            "restarted": sorted(k for k, p in pids0.items() if pids1.get(k) != p), **summary}
+    for k, tr in trend.items():
+        if "growth_pct" in tr:
+            print(f"  {k:12} start {mib(tr['start_bytes']):.1f} warm {mib(tr['warm_bytes']):.1f} end "
+                  f"{mib(tr['end_bytes']):.1f} MiB: {tr['growth_pct']:+.1f}% from start, "
+                  f"{tr['growth_after_warmup_pct']:+.1f}% after warm-up, "
+                  f"slope {_fmt(tr['slope_pct_per_h'], '+.2f')}%/h")
+    return {"minutes": args.soak, "sample_s": args.sample_s, "warmup_s": warmup_s,
+            "rss_start_bytes": start, "rss_end_bytes": end, "rss_growth_pct": growth, "rss_trend": trend,
+            "samples": samples, "restarted": sorted(k for k, p in pids0.items() if pids1.get(k) != p), **summary}
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -560,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst-factor", type=int, default=10)
     ap.add_argument("--cancels", type=int, default=1000)
     ap.add_argument("--soak", type=float, default=0.0, metavar="MINUTES", help="then moderate load this long; RSS")
+    ap.add_argument("--sample-s", type=float, default=30.0, help="--soak: seconds between RSS samples")
     ap.add_argument("--num-kv-blocks", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--startup-timeout-s", type=float, default=300.0)

@@ -1,11 +1,15 @@
 """One real stack for the fuzz tests (router + Triton front door), and how many examples each RPC gets.
 
 `SWITCHYARD_FUZZ_EXAMPLES` (default 12) is the number of generated messages per RPC: small enough that
-the fuzz tests add about a minute to `make test` on a 2-core box; `make fuzz` runs 10,000.
+the fuzz tests add about a minute to `make test` on a 2-core box; `make fuzz` runs 10,000 (about 45
+minutes here: 5-25 ms a message, the stack shared by every test). `SWITCHYARD_FUZZ_REPORT=<path>`
+writes what each RPC got (status counts, seconds, failures) as JSON at the end of the session.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import pytest
 
@@ -28,3 +32,28 @@ def fuzz_stack(tmp_path_factory):
     leftovers = h.stop()
     assert not dead, f"stack processes died during the fuzzing: {dead}\n{h.logs()}"
     assert not leftovers, f"processes outlived the stack stop: {leftovers}"
+
+
+_OUTCOMES: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.failed:
+        o = _OUTCOMES.setdefault(report.nodeid, {"outcome": "passed", "seconds": 0.0})
+        o["seconds"] += report.duration
+        if report.failed:
+            o["outcome"] = f"failed ({report.when})"
+            o["failure"] = str(report.longrepr)[-2000:]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("SWITCHYARD_FUZZ_REPORT")
+    if not path:
+        return
+    from tests.fuzz.wire import REPORT
+    rpcs = {name: {**r, "calls": sum(r["statuses"].values()), **_OUTCOMES.get(r["test"], {})}
+            for name, r in REPORT.items()}
+    other = {k: v for k, v in _OUTCOMES.items() if k not in {r["test"] for r in REPORT.values()}}
+    with open(path, "w") as f:
+        json.dump({"examples_per_rpc": EXAMPLES, "exit_status": int(exitstatus), "finished_unix": time.time(),
+                   "loadavg_end": list(os.getloadavg()), "rpcs": rpcs, "other_tests": other}, f, indent=1)

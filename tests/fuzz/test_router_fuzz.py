@@ -15,7 +15,7 @@ from hypothesis import example, given, strategies as st
 
 from tests.e2e.conftest import pid_alive
 from tests.fuzz.conftest import ADMIN_TOKEN
-from tests.fuzz.wire import call, check_answer, fuzz_settings, messages, wire
+from tests.fuzz.wire import call, check_answer, fuzz_settings, messages, statuses, wire
 
 MODEL = "smollm2-135m"
 
@@ -108,7 +108,7 @@ RPCS = _rpcs()
 @pytest.mark.parametrize("rpc", RPCS, ids=[r.path.rsplit("/", 1)[1] for r in RPCS])
 def test_router_rpc_answers_every_generated_message(fuzz_stack, rpc):
     from common.rpc import options
-    seen: dict[str, int] = {}
+    seen = statuses(rpc.path)
     valid = rpc.valid_bytes()
     with grpc.insecure_channel(fuzz_stack.router, options=options()) as ch:
         @fuzz_settings()

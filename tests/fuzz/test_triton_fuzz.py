@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from tests.e2e.conftest import pid_alive
-from tests.fuzz.wire import TIMEOUT_S, call, check_answer, fuzz_settings, messages, wire
+from tests.fuzz.wire import TIMEOUT_S, call, check_answer, fuzz_settings, messages, statuses, wire
 
 MODEL = "smollm2-135m"
 SERVICE = "/inference.GRPCInferenceService/"
@@ -158,7 +158,7 @@ UNARY = _unary_rpcs()
 @pytest.mark.parametrize("method,desc,hints", UNARY, ids=[u[0] for u in UNARY])
 def test_triton_unary_rpc_answers_every_generated_message(fuzz_stack, method, desc, hints):
     from common.rpc import options
-    seen: dict[str, int] = {}
+    seen = statuses(SERVICE + method)
     msgs = infer_requests() if method == "ModelInfer" else messages(desc, hints)
     addr = fuzz_stack.state["triton"]
     with grpc.insecure_channel(addr, options=options()) as ch:
@@ -197,7 +197,7 @@ def test_triton_stream_answers_every_request_on_it(fuzz_stack):
     """Up to three generated requests (or garbage) per stream: each gets a final response or an
     error_message, and the stream itself ends OK."""
     from common.rpc import options
-    seen: dict[str, int] = {}
+    seen = statuses(SERVICE + "ModelStreamInfer (streams of 1-3 requests)")
     valid = _valid_infer(stream=True).SerializeToString()
     with grpc.insecure_channel(fuzz_stack.state["triton"], options=options()) as ch:
         @fuzz_settings()

@@ -12,6 +12,7 @@ on (never UNKNOWN or INTERNAL), a one-line message, and an end within the timeou
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -159,6 +160,18 @@ def call(ch: grpc.Channel, method: str, data, kind: str = "unary", timeout: floa
     except grpc.RpcError as e:
         code, details = e.code(), e.details() or ""
     return Answer(code, details, time.monotonic() - t0, n)
+
+
+# name -> {"test": pytest node id, "statuses": {code: count}}: written by conftest's
+# pytest_sessionfinish to $SWITCHYARD_FUZZ_REPORT (the examples per RPC and what each got).
+REPORT: dict[str, dict] = {}
+
+
+def statuses(name: str) -> dict[str, int]:
+    """The status counts of one RPC's fuzzing, kept for the session's report."""
+    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    REPORT[name] = {"test": node, "statuses": {}}
+    return REPORT[name]["statuses"]
 
 
 def check_answer(a: Answer, data, seen: dict) -> None:
