@@ -149,6 +149,11 @@ def parse_request(req, known_models: set[str]) -> tuple[inference_pb2.GenerateRe
             raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"[request id: {rid}] input '{t.name}' for model '{model}': raw contents are not "
                                    f"a {t.datatype} tensor ({_shown(str(e))})") from None
+        expected = int(np.prod(t.shape)) if len(t.shape) else arr.size
+        if arr.size != expected:   # e.g. raw contents of 12 bytes for an INT32 of shape [1]: Triton refuses too
+            raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"[request id: {rid}] input '{t.name}' for model '{model}' has {arr.size} "
+                                   f"element(s) but its shape {list(t.shape)} says {expected}")
         values[t.name] = _scalar(arr, t.name, rid, model)
     if "text_input" not in values:
         raise TritonInputError(grpc.StatusCode.INVALID_ARGUMENT,

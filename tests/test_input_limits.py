@@ -222,3 +222,24 @@ def test_tokenizing_runs_off_the_event_loop():
     ids, ticks = asyncio.run(main())
     r._tokenize_pool.shutdown()
     assert ids == [1, 2, 3] and ticks >= 10, ticks
+
+
+def test_triton_input_whose_contents_disagree_with_its_shape_is_invalid_argument():
+    """Found by the 10,000-message fuzz run: 12 raw bytes for an INT32 `max_tokens` of shape [1] were
+    read as its first element (1,127,204,941 tokens). Triton refuses such an input; so do we."""
+    import struct
+
+    from services import triton_front as tf
+    req = tf.pb.ModelInferRequest(model_name="m", id="r9")
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    req.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    req.raw_input_contents.append(struct.pack("<I", 5) + b"Hello")
+    req.raw_input_contents.append(struct.pack("<iii", 1127204941, 7, 8))
+    with pytest.raises(tf.TritonInputError) as ei:
+        tf.parse_request(req, {"m"})
+    assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_tokens" in ei.value.message and "shape [1]" in ei.value.message
+    del req.raw_input_contents[1]
+    req.raw_input_contents.append(struct.pack("<i", 7))
+    gen, _ = tf.parse_request(req, {"m"})
+    assert gen.sampling.max_tokens == 7

@@ -69,3 +69,28 @@ def test_batch_rpc_answers_every_generated_message(fuzz_stack, method, cls, hint
     print(method, "statuses:", seen)
     dead = [p for p in fuzz_stack.all_pids() if not pid_alive(p)]
     assert not dead, f"stack processes died: {dead}\n{fuzz_stack.logs()}"
+
+
+def test_listing_jobs_leaves_no_consumer_behind(fuzz_stack):
+    """nats-py's kv.keys() left a consumer per listing on the server for minutes: the 10,000-message
+    fuzz run hit the stream's consumer limit and ListJobs answered UNKNOWN. Listings now delete theirs."""
+    import asyncio
+
+    import nats
+
+    from common import subjects
+    from protos.switchyard.v1 import batch_pb2, batch_pb2_grpc
+    from tests.e2e.conftest import channel
+
+    async def main() -> int:
+        async with channel(fuzz_stack.router) as ch:
+            stub = batch_pb2_grpc.BatchStub(ch)
+            for _ in range(40):
+                await stub.ListJobs(batch_pb2.BatchListJobsRequest(limit=1), timeout=30)
+        nc = await nats.connect(fuzz_stack.state["nats"])
+        try:
+            info = await nc.jetstream().stream_info(f"KV_{subjects.BATCH_JOBS_BUCKET}")
+            return info.state.consumer_count
+        finally:
+            await nc.close()
+    assert asyncio.run(main()) <= 2   # at most a listing of another test still in flight
