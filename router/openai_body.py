@@ -222,7 +222,11 @@ def parse(endpoint: str, body: dict, default_model: str = ""):
 def usage_dict(u: common_pb2.Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}, "cost_usd": u.cost_usd}
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}, "cost_usd": u.cost_usd,
+            # speculative decoding's drafts, in OpenAI's fields for predicted tokens accepted / not
+            "completion_tokens_details": {"accepted_prediction_tokens": u.spec_accepted_tokens,
+                                          "rejected_prediction_tokens": max(0, u.spec_proposed_tokens
+                                                                            - u.spec_accepted_tokens)}}
 
 
 def completion_id(endpoint: str, request_id: str) -> str:

@@ -27,7 +27,8 @@ def parse_up(*flags: str) -> StackConfig:
 
 def non_default_engine_values() -> dict:
     """A value for every EngineConfig field that differs from its default (new fields included)."""
-    special = {"device": "cuda:1", "dtype": "bfloat16", "lora_mode": "bmm"}
+    special = {"device": "cuda:1", "dtype": "bfloat16", "lora_mode": "bmm", "speculative_method": "self_draft",
+               "draft_model": "/models/draft", "draft_random_weights": "llama-1b"}
     out = {}
     for f in fields(EngineConfig):
         default = f.default_factory() if f.default is MISSING else f.default

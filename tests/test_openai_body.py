@@ -70,6 +70,9 @@ def test_responses_have_openai_shapes():
     first = openai_body.stream_chunk(openai_body.CHAT, "r1", "m", 5, "a", first=True)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "a"}
     assert openai_body.usage_chunk(openai_body.COMPLETIONS, "r1", "m", 5, u)["choices"] == []
+    spec = common_pb2.Usage(prompt_tokens=3, completion_tokens=9, spec_proposed_tokens=8, spec_accepted_tokens=6)
+    assert openai_body.usage_dict(spec)["completion_tokens_details"] == {"accepted_prediction_tokens": 6,
+                                                                         "rejected_prediction_tokens": 2}
 
 
 def line(cid, **body):
