@@ -436,7 +436,7 @@ def goals(rep: dict) -> dict:
 
     def cell(cfg, w, ld):
         return c.get(cfg, {}).get(w, {}).get(ld)
-    out: dict = {}
+    out: dict = {"goal_low_copy_itl_ratio": GOAL_ITL_RATIO, "goal_saturation_tok_s_ratio": GOAL_THROUGHPUT_RATIO}
     a, b = cell("cb", "copy-heavy", "low"), cell("cb+prompt_lookup", "copy-heavy", "low")
     if a and b:
         r = _ratio(a["itl_ms"]["p50"], b["itl_ms"]["p50"])
