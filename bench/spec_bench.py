@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-speculative-tokens", type=int, default=4, help="k")
     # SmolLM2's early layers are poor drafters without a trained exit head: 22 of 30 is the shallowest
     # depth whose greedy drafts match at all often (about 6% of k=4 drafts; 7 layers: under 1%).
+    ap.add_argument("--draft-model", default=None,
+                    help="draft_model: the draft (built-in name, HF folder or GGUF); add draft_model to --methods")
+    ap.add_argument("--draft-random-weights", default=None,
+                    help="draft_model with random weights of this shape (e.g. llama-1b beside --model random:llama-8b "
+                         "on a GPU: the speed side only, acceptance of random drafts means nothing)")
     ap.add_argument("--self-draft-layers", type=int, default=22,
                     help="self_draft: the target's first N layers + its head (0: the engine's default, a quarter)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -362,13 +367,15 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     rep: dict = {"benchmark": "compare --speculative", "machine": machine_info(args.device), "model": args.model,
                  "quick": bool(args.quick), "size": asdict(size), "num_speculative_tokens": args.num_speculative_tokens,
-                 "self_draft_layers": args.self_draft_layers,
+                 "self_draft_layers": args.self_draft_layers, "draft_model": args.draft_model,
+                 "draft_random_weights": args.draft_random_weights,
                  "concurrency": {"low": args.low_concurrency, "saturation": args.saturation_concurrency},
                  "workloads": wls, "loads": loads, "configs": {}, "cells": {}, "eval_guard": {}}
     base = EngineConfig(device=args.device, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
                         max_num_seqs=max(args.saturation_concurrency, args.low_concurrency),
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                        self_draft_layers=args.self_draft_layers)
+                        self_draft_layers=args.self_draft_layers, draft_model=args.draft_model,
+                        draft_random_weights=args.draft_random_weights)
     loaded = load_model(args.model, device=args.device, dtype=resolve_dtype(base), seed=args.seed)
     tok = loaded.tokenizer
     plan = {w: {"low": specs_for(w, tok, size.low_requests, size, args.seed),
