@@ -36,11 +36,27 @@ def scrape_all(endpoints: dict) -> dict:
     return {name: scrape(addr) for name, addr in endpoints.items()}
 
 
+def settled(endpoints: dict) -> dict:
+    """A scrape after the token counters stopped moving: they follow the batchers' heartbeat (0.5 s), so
+    an earlier test's last tokens can land after this test's first scrape (seen once in CI: 16 == 4 * 3)."""
+    batchers = [n for n in endpoints if n.startswith("batcher-")]
+    tokens = lambda snap: sum(total(snap[b], M.GENERATION_TOKENS + "_total") for b in batchers)  # noqa: E731
+    snap = scrape_all(endpoints)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(1.2)                 # two heartbeats
+        again = scrape_all(endpoints)
+        if tokens(again) == tokens(snap):
+            return again
+        snap = again
+    return snap
+
+
 def test_metrics_count_the_requests_sent(traced_stack):
     st = status_dict(traced_stack.router)
     endpoints = st["metrics"]       # `switchyard status --json` shows every service's /metrics
     assert set(endpoints) == {"router", "kv_manager", "worker-w0", "worker-w1", "batcher-w0", "batcher-w1"}
-    before = scrape_all(endpoints)
+    before = settled(endpoints)
 
     async def main():
         async with channel(traced_stack.router) as ch:
