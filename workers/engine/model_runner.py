@@ -5,7 +5,7 @@ batch (prefill chunks first, then one token per decoding request), run one forwa
 one token for every request whose chunk reached its last known token.
 
 Speculation: a speculating request's segment is its decode token then its m draft tokens (the
-batcher's, or the draft model's), laid out like a prefill chunk with prior context. The target's
+batcher's, or the draft model's), laid out as 1 + m decode tokens of its row. The target's
 distribution at each of the 1 + m positions verifies the drafts (rejection_sampler.verify_logits);
 the request emits the accepted drafts plus one token, and its KV rolls back to them: num_computed
 drops to the accepted tokens and its block table row to the blocks they need (the KV written for
@@ -172,7 +172,6 @@ class ModelRunner:
             if nr.adapter_id:
                 st.slot = self._adapter_slot(nr.adapter_id)
             work.append((nr.request_id, st, nr.num_new_tokens))
-        spec = any(rr.num_spec_tokens > 0 for rr in plan.running)
         last = self._last
         if last is not None and not last.resolved and last.trim:
             # The batcher never plans a request again while its speculative step is in flight; if it
@@ -260,7 +259,7 @@ class ModelRunner:
                 for _, st in ver.seqs:
                     st.pending += 1
         inflight = InFlightStep(self, plan.step_id, t0, step.sample_seqs, tokens, logprobs,
-                                verify=ver, trim=trim, spec=spec, draft_ms=draft_ms)
+                                verify=ver, trim=trim, draft_ms=draft_ms)
         self._last = inflight if tokens is not None else None
         return inflight
 
@@ -299,7 +298,7 @@ class InFlightStep:
 
     def __init__(self, runner: ModelRunner, step_id: int, t0: float, sample_seqs: list[tuple[str, SeqSlot]],
                  tokens: torch.Tensor | None, logprobs: torch.Tensor | None, *, verify: VerifyRows | None = None,
-                 trim: list[tuple[str, SeqSlot]] | None = None, spec: bool = False, draft_ms: float = 0.0):
+                 trim: list[tuple[str, SeqSlot]] | None = None, draft_ms: float = 0.0):
         self.runner = runner
         self.step_id = step_id
         self.t0 = t0
@@ -308,7 +307,6 @@ class InFlightStep:
         self._logprobs = logprobs
         self.verify = verify
         self.trim = trim or []                 # rows whose plan speculated: their table rows shrink
-        self.spec = spec                       # some plan row had num_spec_tokens > 0
         self.draft_ms = draft_ms
         self._result: StepResult | None = None
         self._event = None
@@ -347,7 +345,7 @@ class InFlightStep:
                 result.logprobs = lps[:S]
             if self.verify is not None:
                 self._verified(result, toks[S:], lps[S:] if lps is not None else None)
-        if self.spec:
+        if self.trim:                          # some plan row had num_spec_tokens > 0
             if self.verify is None:
                 result.num_emitted = [1] * S
                 result.num_drafted = [0] * S
