@@ -625,38 +625,23 @@ class Scheduler:
         valid KV, and the recompute starts after them (its blocks are gone: nothing to roll back)."""
         sampled: list[tuple[Request, list[int]]] = []
         bs = self.block_size
-        if not num_emitted:
-            for k, (rid, tok) in enumerate(zip(request_ids, token_ids)):
-                r = self.requests.get(rid)
-                if r is None or r.finished:
-                    continue
-                r.num_pending -= 1
-                if r.output_token_ids:
-                    r.num_decode_steps += 1
-                r.output_token_ids.append(tok)
-                if logprobs is not None:
-                    r.logprobs.append(logprobs[k])
-                if r.spec_inflight:     # a verification row with nothing drafted: the rollback still applies
-                    self._verified(r, 1, 0)
-                sampled.append((r, [tok]))
-        else:
-            off = 0
-            for i, rid in enumerate(request_ids):
-                e = num_emitted[i]
-                start, off = off, off + e
-                r = self.requests.get(rid)
-                if r is None or r.finished:
-                    continue
-                toks = token_ids[start:off]
-                r.num_pending -= 1
-                if r.output_token_ids:
-                    r.num_decode_steps += 1
-                r.output_token_ids.extend(toks)
-                if logprobs is not None:
-                    r.logprobs.extend(logprobs[start:off])
-                if r.spec_inflight:
-                    self._verified(r, e, num_drafted[i] if num_drafted else 0)
-                sampled.append((r, toks))
+        off = 0
+        for i, rid in enumerate(request_ids):
+            e = num_emitted[i] if num_emitted else 1
+            start, off = off, off + e
+            r = self.requests.get(rid)
+            if r is None or r.finished:
+                continue
+            toks = token_ids[start:off]
+            r.num_pending -= 1
+            if r.output_token_ids:
+                r.num_decode_steps += 1
+            r.output_token_ids.extend(toks)
+            if logprobs is not None:
+                r.logprobs.extend(logprobs[start:off])
+            if r.spec_inflight:     # also a verification row with nothing drafted: the rollback applies
+                self._verified(r, e, num_drafted[i] if num_drafted else 0)
+            sampled.append((r, toks))
         for r in self.running:
             if r.num_computed_tokens // bs > r.num_cached_blocks:    # a block filled: cache it (cheap test first)
                 self._cache_full_blocks(r)
