@@ -47,7 +47,8 @@ def test_huge_prompts_refused_fast_while_another_stream_keeps_streaming(stack):
     async def run():
         async with channel(stack.router) as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
-            long_req = gen_request("Once upon a time", max_tokens=120)
+            # long enough to outlast both refusals (120 tokens took as long as the 60 MB upload: a race)
+            long_req = gen_request("Once upon a time", max_tokens=400)
             long_req.sampling.ignore_eos = True
             first = asyncio.Event()
             got: list = []
@@ -62,6 +63,7 @@ def test_huge_prompts_refused_fast_while_another_stream_keeps_streaming(stack):
             results = []
             for size in (60 * 1024 * 1024, 5 * 1024 * 1024):
                 results.append(await _refused(stub, gen_request("a" * size)))
+            print("TOKENS_AT_REFUSALS", len(got), results, flush=True)
             assert not task.done(), "the other stream ended before the huge prompts were answered"
             await task   # no error: it streams to the end
             return results, got
