@@ -48,6 +48,10 @@ SERVICE_CLASSES = (INTERACTIVE, BATCH)   # their order is their rank: interactiv
 DEFAULT_TENANT = "default"
 _RANK = {c: i for i, c in enumerate(SERVICE_CLASSES)}
 _STEPS_REMEMBERED = 8                    # plans whose prefill/decode split awaits its measured time
+# arrivals the admission forecast predicts for (Heartbeat.forecast_arrivals), with the seat-round edges
+# Scheduler.forecast adds: dense where the first cohort fills the seats, sparse beyond
+FORECAST_ARRIVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+HOPELESS_EVERY_S = 0.25                  # how often waiting requests' first tokens are predicted again
 
 
 @dataclass
@@ -135,6 +139,7 @@ class Scheduler:
         self.num_deadline_drops = 0
         self._prefix_queried_tokens = 0
         self._prefix_hit_tokens = 0
+        self._hopeless_next = 0.0       # wall clock of the next hopeless_waiting pass
 
     # ---- admission -------------------------------------------------------------------------
     @property
@@ -163,16 +168,20 @@ class Scheduler:
                 heapq.heapify(self._deadlines)
             heapq.heappush(self._deadlines, (req.deadline_unix_ms, req.arrival_seq, req))
 
+    def _queue_ahead(self, rank: int) -> tuple[int, int, int]:
+        """(requests waiting ahead, seats free, prompt tokens waiting ahead) for an arrival of class `rank`:
+        batch waits behind interactive too, and batch requests give their seats up to interactive ones."""
+        ahead = sum(self._waiting_count[:rank + 1])
+        seated = len(self.running) if rank else bisect.bisect_left(self.running, (1,), key=_order_key)
+        return ahead, max(0, self.max_num_seqs - seated), sum(self._waiting_tokens[:rank + 1])
+
     def _check_admission(self, req: Request) -> None:
         rank = _RANK[req.service_class]
-        ahead = sum(self._waiting_count[:rank + 1])          # batch waits behind interactive too
-        # Seats an arrival of this class can have: batch requests give theirs up to interactive ones.
-        seated = len(self.running) if rank else bisect.bisect_left(self.running, (1,), key=_order_key)
-        free = max(0, self.max_num_seqs - seated)
+        ahead, free, tokens_ahead = self._queue_ahead(rank)
         budget = self.max_num_batched_tokens
         p = self.predictor
-        wait = p.queue_wait_s(tokens_ahead=sum(self._waiting_tokens[:rank + 1]), requests_ahead=ahead,
-                              free_seats=free, budget=budget)
+        p.note_arrival(req.num_tokens)
+        wait = p.queue_wait_s(tokens_ahead=tokens_ahead, requests_ahead=ahead, free_seats=free, budget=budget)
         if ahead - free >= self.max_waiting:
             raise QueueFullError(
                 f"waiting queue is full ({self.max_waiting} requests beyond the {self.max_num_seqs} "
@@ -182,16 +191,85 @@ class Scheduler:
         if wait is None:
             return   # nothing measured yet: the queue bound alone
         first_token = wait + p.prefill_s(req.num_tokens, budget)
-        limit, what = self.max_queue_delay_s, "max_queue_delay_ms"
-        if req.deadline_unix_ms:
-            left = req.deadline_unix_ms / 1000 - self.wall_clock()
-            if not limit or left < limit:
-                limit, what = left, "its deadline"
+        limit, what = self._wait_limit(req)
         if limit and limit > 0 and first_token > limit:
             raise QueueFullError(
                 f"predicted wait for a first token {1000 * first_token:.0f} ms exceeds {what} "
                 f"({1000 * limit:.0f} ms): {ahead} request(s) queued ahead; retry later",
                 retry_after_ms=self._retry_after_ms(ahead, wait))
+
+    def _wait_limit(self, req: Request) -> tuple[float, str]:
+        """(seconds, name) an interactive request may wait for its first token: its deadline or
+        `max_queue_delay_s`, the sooner (0: unbounded)."""
+        limit, what = self.max_queue_delay_s, "max_queue_delay_ms"
+        if req.deadline_unix_ms:
+            left = req.deadline_unix_ms / 1000 - self.wall_clock()
+            if not limit or left < limit:
+                limit, what = left, "its deadline"
+        return limit, what
+
+    def forecast(self) -> tuple[list[int], list[float], int]:
+        """What the router's admission gate needs (router/admission_gate.py, Heartbeat.forecast_*):
+        arrivals n, the predicted seconds to a first token of the n-th interactive request arriving now
+        (each bringing the mean recent prompt; 0 where nothing would be ahead of it and a seat is free,
+        as `add` admits those unconditionally), and how many arrivals the queue bound still takes.
+        The arrivals are FORECAST_ARRIVALS plus both sides of every point where a whole round of seats
+        must turn over first (there the wait jumps by a generation; the router interpolates linearly).
+        ([], [], room) before anything is measured."""
+        ahead, free, tokens_ahead = self._queue_ahead(0)
+        room = max(0, self.max_waiting - (ahead - free))
+        p = self.predictor
+        budget = self.max_num_batched_tokens
+        if p.queue_wait_s(tokens_ahead=tokens_ahead, requests_ahead=ahead, free_seats=free, budget=budget) is None:
+            return [], [], room
+        last = FORECAST_ARRIVALS[-1]
+        # arrival n needs the (ahead + n - free)-th seat opening: jumps after free - ahead + k * seats
+        edge, seats = free - ahead, max(1, self.max_num_seqs)
+        while edge < 0:
+            edge += seats
+        steps = {n for e in range(edge, last + 1, seats) for n in (e, e + 1)}
+        arrivals = sorted(n for n in set(FORECAST_ARRIVALS) | steps if 1 <= n <= last)
+        mean = p.mean_prompt_tokens
+        own = p.prefill_s(round(mean), budget)
+        waits = []
+        for n in arrivals:
+            before = ahead + n - 1
+            if before == 0 and free > 0:
+                waits.append(0.0)
+                continue
+            wait = p.queue_wait_s(tokens_ahead=tokens_ahead + round((n - 1) * mean), requests_ahead=before,
+                                  free_seats=free, budget=budget)
+            waits.append(wait + own)
+        return arrivals, waits, room
+
+    def hopeless_waiting(self) -> list[tuple[Request, int]]:
+        """Interactive requests still waiting whose first token, predicted again from where they stand in
+        the queue and the rates measured since they arrived, comes after their deadline: (request,
+        retry-after ms) for the caller to refuse
+        (RESOURCE_EXHAUSTED) and abort. A refusal now beats a silent wait that ends in DEADLINE_EXCEEDED:
+        the client can go elsewhere while it still has time. At most every `HOPELESS_EVERY_S`; the
+        queue is walked in priority-then-arrival order (the fair share across tenants may admit a
+        little differently)."""
+        now = self.wall_clock()
+        if now < self._hopeless_next or not self._waiting_count[0]:
+            return []
+        self._hopeless_next = now + HOPELESS_EVERY_S
+        p = self.predictor
+        budget = self.max_num_batched_tokens
+        _, free, _ = self._queue_ahead(0)
+        queued = sorted((e for key, q in self._queues.items() if key[0] == 0 for e in q), key=lambda e: e[:2])
+        hopeless: list[tuple[Request, int]] = []
+        tokens_ahead = 0
+        for ahead, (_, _, tokens, req) in enumerate(queued):
+            if req.deadline_unix_ms:
+                wait = p.queue_wait_s(tokens_ahead=tokens_ahead, requests_ahead=ahead, free_seats=free,
+                                      budget=budget)
+                if wait is None:
+                    return []
+                if wait + p.prefill_s(tokens, budget) > req.deadline_unix_ms / 1000 - now:
+                    hopeless.append((req, self._retry_after_ms(ahead, wait)))
+            tokens_ahead += tokens
+        return hopeless
 
     def _retry_after_ms(self, ahead: int, fallback_s: float) -> int:
         """The time the queue ahead takes to drain at the measured rate."""

@@ -320,6 +320,12 @@ class BatcherService:
                 await self.edge.fail(req.request_id, bus_pb2.CHUNK_ERROR_DEADLINE, "deadline passed while queued",
                                      reason="deadline", attempt=self._attempts.get(req.request_id, 0))
                 self.cancel(req.request_id)   # _apply_aborts below frees it like any cancel
+            for req, retry_ms in core.scheduler.hopeless_waiting():   # would miss its deadline: say so now
+                await self.edge.fail(req.request_id, bus_pb2.CHUNK_ERROR_QUEUE_FULL,
+                                     "predicted wait for a first token now exceeds its deadline (the queue "
+                                     "ahead drains slower than predicted on arrival); retry later",
+                                     retry_after_ms=retry_ms, attempt=self._attempts.get(req.request_id, 0))
+                self.cancel(req.request_id)
             if self._deadlines:
                 await self._expire_deadlines()
             self._apply_aborts()
@@ -588,6 +594,11 @@ class BatcherService:
             hb.prompt_tokens_total = s.prompt_tokens_total
             hb.generation_tokens_total = s.generation_tokens_total
             self.metrics.update_from_stats(s)
+            arrivals, waits, room = self.core.scheduler.forecast()
+            # the router refuses at once what this batcher would refuse (router/admission_gate.py)
+            hb.forecast_arrivals.extend(arrivals)
+            hb.forecast_wait_ms.extend(1000.0 * w for w in waits)
+            hb.queue_room = room
 
     def _adapter_in_use(self, adapter_id: str) -> int:
         """Accepted requests (waiting or running) for an adapter; counted while it is being unloaded."""

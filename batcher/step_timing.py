@@ -151,6 +151,10 @@ class WaitPredictor:
         self._decode = _DecodeSteps()
         self._steps = 0                            # steps observed: the clock seat holds are counted in
         self._seated: deque[int] = deque()         # step of each running request's admission, oldest first
+        self._lanes: list[float] = []              # _seat_steps' sorted seat openings, and what they were for
+        self._lanes_key: tuple | None = None
+        self._seated_changes = 0                   # bumped whenever _seated changes
+        self.mean_prompt_tokens = 0.0              # EWMA over arrivals: what the forecast assumes each brings
         self._drained = _RateWindow()              # waiting -> running
         self._finished = _RateWindow()             # running -> done (a seat frees)
 
@@ -186,13 +190,19 @@ class WaitPredictor:
             newer += 1
         for _ in range(len(self._seated) - decode_rows - newer):
             self._seated.popleft()
+        self._seated_changes += 1
+
+    def note_arrival(self, prompt_tokens: int) -> None:
+        self.mean_prompt_tokens = _ewma(self.mean_prompt_tokens or None, float(prompt_tokens))
 
     def note_admitted(self, count: int = 1) -> None:
         self._drained.note(self.clock(), count)
         self._seated.extend([self._steps] * count)
+        self._seated_changes += 1
 
     def note_finished(self, count: int = 1) -> None:
         self._finished.note(self.clock(), count)
+        self._seated_changes += 1
         for _ in range(count):
             if not self._seated:
                 break
@@ -209,6 +219,7 @@ class WaitPredictor:
         self._drained.clear()
         self._finished.clear()
         self._seated.clear()
+        self._seated_changes += 1
 
     def drain_rate(self) -> float | None:
         """Waiting requests given a seat per second, lately."""
@@ -254,10 +265,13 @@ class WaitPredictor:
         frees it after the rest of its hold (the mean hold less the steps it has run, at least one),
         a free seat after the request that takes it now has held it; then every hold after that."""
         hold = max(1.0, self.hold_steps or 1.0)
-        now = self._steps
-        first = sorted([max(1.0, hold - (now - s)) for s in self._seated] + [hold] * free_seats)
+        key = (self._steps, self._seated_changes, free_seats, hold)
+        if self._lanes_key != key:   # the forecast asks ~20 times per heartbeat with the same seats
+            now = self._steps
+            self._lanes = sorted([max(1.0, hold - (now - s)) for s in self._seated] + [hold] * free_seats)
+            self._lanes_key = key
         rounds, lane = divmod(short - 1, seats)
-        return first[lane] + rounds * hold
+        return self._lanes[lane] + rounds * hold
 
     def prefill_s(self, prompt_tokens: int, budget: int) -> float:
         """Seconds of steps to prefill a prompt of this length (0 before a measurement)."""

@@ -37,6 +37,7 @@ class ReplicaView:
     heartbeat: bus_pb2.Heartbeat
     last_seen: float                     # time.monotonic() of the last heartbeat
     in_flight: int = 0                   # the reader's own open requests on it (the router's streams)
+    sent_since_beat: int = 0             # requests the reader sent it since its last heartbeat (the router's gate)
     active: bool = False                 # the last heartbeat showed work (below)
     last_active: float | None = None     # when a heartbeat last showed work
 
@@ -108,6 +109,7 @@ class ReplicaTable:
         else:
             generated = hb.generation_tokens_total != w.heartbeat.generation_tokens_total
             w.heartbeat, w.last_seen = hb, now
+            w.sent_since_beat = 0
             w.active = hb.num_running + hb.num_waiting > 0 or generated
         if w.active:
             w.last_active = now

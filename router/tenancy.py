@@ -140,6 +140,11 @@ class Tenancy:
                                        else "permission").inc()
 
     # ---- admission ------------------------------------------------------------------------------
+    def service_class(self, requested: str) -> str:
+        """The class a request of the current caller runs in (its tenant's default when it may not use
+        the one requested)."""
+        return (current_tenant() or self.table.default).service_class(requested)
+
     async def admit(self, context, v, n_prompt: int, service_class: str = "") -> Grant:
         """Check the caller's tenant may run this request and take its quotas; aborts the RPC otherwise.
         v: router.validation.ValidRequest (model and adapter resolved)."""

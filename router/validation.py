@@ -35,11 +35,12 @@ CHUNK_ERROR_STATUS = {
 class RequestError(Exception):
     """A request the router refuses; carries the gRPC status to answer with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = ""):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str = "", retry_after_ms: int = 0):
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after_ms = retry_after_ms   # RESOURCE_EXHAUSTED: sent as the retry-after-ms trailer
 
 
 def invalid(field: str, message: str) -> RequestError:

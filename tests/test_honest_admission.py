@@ -415,3 +415,77 @@ def test_seats_of_preempted_requests_stop_counting():
     p.note_admitted(2)                   # admitted after that step was planned: not trimmed
     p.observe_step(0, 6, 0.02)
     assert len(p._seated) == 8
+
+
+# ---- the forecast the router's gate refuses on, and re-predicting the queue -------------------------
+@pytest.mark.parametrize("limit_s", [10.0, 20.0, 30.0, 45.0])
+def test_the_heartbeat_forecast_refuses_the_same_arrivals_as_the_batcher(limit_s):
+    """The router refuses a burst's tail before tokenizing it, from the forecast in the batcher's
+    heartbeat (Scheduler.forecast -> Heartbeat.forecast_* -> router/admission_gate.py). Interpolated
+    there, it must turn to refusals at the very arrival where the batcher's own check does, including
+    where a whole round of seats must turn over first (the wait jumps by a generation there)."""
+    from common.replicas import ReplicaView
+    from protos.switchyard.v1 import bus_pb2
+    from router.admission_gate import forecast_wait_s
+
+    clock, worker, sched, core = cohort_stack(delay_s=limit_s)
+    arrivals, waits, room = sched.forecast()
+    assert arrivals == sorted(arrivals) and len(arrivals) == len(waits) and room == 10_000 + 64
+    assert waits == sorted(waits)                       # a later arrival never waits less
+    view = ReplicaView("w0", bus_pb2.Heartbeat(forecast_arrivals=arrivals,
+                                               forecast_wait_ms=[1000 * w for w in waits]), 0.0)
+    router_first = next(n for n in range(1, 513) if forecast_wait_s(view, n) > limit_s)
+    batcher_first = None
+    for i in range(300):
+        try:
+            core.add_request(f"b{i}", burst_prompt(i), SamplingParams(max_tokens=32, ignore_eos=True))
+        except QueueFullError:
+            batcher_first = batcher_first or i + 1
+    assert batcher_first is not None and router_first == batcher_first, (router_first, batcher_first)
+
+
+def test_no_forecast_before_anything_is_measured():
+    s = scheduler(WaitPredictor(Clock()), seats=4, max_waiting=8)
+    assert s.forecast() == ([], [], 8 + 4)
+
+
+def test_a_queued_request_predicted_to_miss_its_deadline_is_refused_while_it_waits():
+    """Predictions made on arrival can be too hopeful (here the worker slows down by half after the
+    burst, as a CPU does when big steps run). Re-predicted from where each waiting request stands,
+    those that would miss their deadline are refused while they wait (a client can still go
+    elsewhere), and no request is left to wait out its deadline. Without the re-prediction, some
+    would get no first token before their deadline."""
+    clock, worker, sched, core = cohort_stack(delay_s=0.0)
+    sched.wall_clock = clock                         # deadlines on the simulated clock
+    deadline_s = 30.0
+    admitted, refused_late = {}, set()
+    for i in range(300):
+        try:
+            core.add_request(f"b{i}", burst_prompt(i), SamplingParams(max_tokens=32, ignore_eos=True),
+                             deadline_unix_ms=int((clock.t + deadline_s) * 1000))
+            admitted[f"b{i}"] = clock.t
+        except QueueFullError:
+            pass
+    assert 64 < len(admitted) < 300
+    slow = worker.execute
+
+    def slower(plan):
+        t = clock.t
+        res = slow(plan)
+        clock.t += 0.5 * (clock.t - t)
+        res.execute_ms *= 1.5
+        return res
+    worker.execute = slower
+    assert sched.hopeless_waiting() == []            # nothing slower measured yet
+    while core.has_unfinished():
+        core.step()
+        for req, retry_ms in sched.hopeless_waiting():
+            assert req.status == RequestStatus.WAITING and 0 < retry_ms <= 60_000
+            refused_late.add(req.request_id)
+            core.abort(req.request_id)
+        assert sched.hopeless_waiting() == []        # at most every HOPELESS_EVERY_S
+    assert refused_late
+    late = {rid: worker.first_token.get(rid, float("inf")) - t for rid, t in admitted.items()
+            if rid not in refused_late}
+    full_step = 512 * 0.006 * 1.5 + 64 * 0.008 * 1.5
+    assert max(late.values()) <= deadline_s + full_step, max(late.values())

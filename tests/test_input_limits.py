@@ -191,17 +191,21 @@ def test_checked_servicer_answers_invalid_argument_in_process():
 
 def test_tokenizing_runs_off_the_event_loop():
     """A slow tokenization (a long prompt) does not stop the router's loop: heartbeats and other
-    streams go on meanwhile."""
+    streams go on meanwhile. A short prompt is encoded on the loop: it costs less than the hop."""
     import asyncio
+    import threading
     import time
 
-    from router.service import Router
+    from router.service import TOKENIZE_INLINE_CHARS, Router
 
     class SlowTok:
         vocab_size = 100
+        threads: list[str] = []
 
         def encode(self, text):
-            time.sleep(0.5)   # holds its thread, as a long prompt would
+            self.threads.append(threading.current_thread().name)
+            if len(text) > TOKENIZE_INLINE_CHARS:
+                time.sleep(0.5)   # holds its thread, as a long prompt would
             return [1, 2, 3]
 
     r = Router(StackConfig(), object(), None, tokenizer_loader=lambda m: SlowTok())
@@ -215,13 +219,16 @@ def test_tokenizing_runs_off_the_event_loop():
                 await asyncio.sleep(0.01)
                 ticks += 1
         t = asyncio.create_task(ticker())
-        ids, tok = await r._encode("m", "a long prompt", [])
+        ids, tok = await r._encode("m", "x" * (TOKENIZE_INLINE_CHARS + 1), [])
         t.cancel()
-        return ids, ticks
+        short, _ = await r._encode("m", "x" * TOKENIZE_INLINE_CHARS, [])
+        return ids, short, ticks, threading.current_thread().name
 
-    ids, ticks = asyncio.run(main())
+    ids, short, ticks, loop_thread = asyncio.run(main())
     r._tokenize_pool.shutdown()
     assert ids == [1, 2, 3] and ticks >= 10, ticks
+    assert short == [1, 2, 3]
+    assert SlowTok.threads[0] != loop_thread and SlowTok.threads[1] == loop_thread, SlowTok.threads
 
 
 def test_triton_input_whose_contents_disagree_with_its_shape_is_invalid_argument():

@@ -115,7 +115,7 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms", "adapters", "unhealthy_reason", "model_kind")
+    __slots__ = ("worker_id", "model", "healthy", "draining", "seq", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "block_size", "max_model_len", "prefix_cache_hit_rate", "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "interval_ms", "adapters", "unhealthy_reason", "model_kind", "forecast_arrivals", "forecast_wait_ms", "queue_room")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,9 @@ class Heartbeat(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_ROOM_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     healthy: bool
@@ -156,7 +159,10 @@ class Heartbeat(_message.Message):
     adapters: _containers.RepeatedScalarFieldContainer[str]
     unhealthy_reason: str
     model_kind: str
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., unhealthy_reason: _Optional[str] = ..., model_kind: _Optional[str] = ...) -> None: ...
+    forecast_arrivals: _containers.RepeatedScalarFieldContainer[int]
+    forecast_wait_ms: _containers.RepeatedScalarFieldContainer[float]
+    queue_room: int
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., interval_ms: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., unhealthy_reason: _Optional[str] = ..., model_kind: _Optional[str] = ..., forecast_arrivals: _Optional[_Iterable[int]] = ..., forecast_wait_ms: _Optional[_Iterable[float]] = ..., queue_room: _Optional[int] = ...) -> None: ...
 
 class KvEvent(_message.Message):
     __slots__ = ("kind", "block_hashes", "parent_hash", "token_ids", "adapter_id", "block_size")
