@@ -395,12 +395,17 @@ class Chaos:
                 "answered_s": time.monotonic() - t}
 
     async def burst(self, stub) -> dict:
-        """`--burst-factor` times the steady streams at once, each with a `--hang-s` deadline: each must
-        get a first token within it or a refusal within 100 ms (`goal_missed` counts those that did
-        not). A refusal's retry-after-ms is set beside the time the queue ahead of it actually took:
-        from the refusal until the last request accepted before it got its first token."""
+        """`--burst-factor` times the steady streams at once, each with a `--burst-deadline-s` deadline:
+        each must get a first token within it or a refusal within 100 ms (`goal_missed` counts those
+        that did not). A refusal's retry-after-ms is set beside the time the queue ahead of it actually
+        took: from the refusal until every request accepted before it had its first token and, when
+        they outnumber the seats, enough of them had ended to free one for it. First the
+        same burst, from the same client, against a server that refuses every call at once
+        (bench/grpc_floor.py --refuse): the fastest refusal this machine's grpc.aio allows, side by side."""
         import grpc
         n = self.args.streams * self.args.burst_factor
+        deadline_s = self.args.burst_deadline_s or self.args.hang_s
+        floor = await self._refusal_floor(n, deadline_s)
         t0 = time.monotonic()
 
         async def one(i: int) -> dict:
@@ -410,7 +415,7 @@ class Chaos:
             first: float | None = None
             try:
                 async for r in stub.Generate(_gen(self.args.model, f"{PROMPTS[i % len(PROMPTS)]} burst {i}",
-                                                  self.args.max_tokens), timeout=self.args.hang_s):
+                                                  self.args.max_tokens), timeout=deadline_s):
                     if r.token_ids and first is None:
                         first = time.monotonic() - t
                     if r.finish_reason:
@@ -422,12 +427,15 @@ class Chaos:
                 rec["ended"] = e.code().name
                 if first is None:
                     rec["outcome"] = e.code().name
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        rec["refused_by"] = _refused_by(e.details() or "")
                 for k, v in (e.trailing_metadata() or ()):
                     if k == "retry-after-ms":
                         rec["retry_after_ms"] = int(v)
             if first is not None:
                 rec["outcome"] = "first_token"
             rec["after_s"] = round(first if first is not None else time.monotonic() - t, 4)
+            rec["end_s"] = round(time.monotonic() - t0, 4)
             return rec
         recs = await asyncio.gather(*(one(i) for i in range(n)))
         by: dict[str, list[float]] = {}
@@ -436,21 +444,35 @@ class Chaos:
         ended = [r["ended"] for r in recs]
         # The goal: a first token within the deadline, or a refusal within 100 ms.
         missed = [r for r in recs if r["outcome"] != "first_token" and r["after_s"] > 0.1]
-        accepted = [(r["start_s"], r["start_s"] + r["after_s"]) for r in recs if r["outcome"] == "first_token"]
+        # When a refused request, had it waited, would have had its turn: the requests accepted before it
+        # all got their first token, and (more of them than the replicas have seats) enough of them ended
+        # to free a seat for it.
+        accepted = [(r["start_s"], r["start_s"] + r["after_s"], r["end_s"]) for r in recs
+                    if r["outcome"] == "first_token"]
+        seats = self._seats()
         ratios = []
         for r in recs:
             if r["retry_after_ms"] is None or r["outcome"] != "RESOURCE_EXHAUSTED":
                 continue
             at = r["start_s"] + r["after_s"]
-            ahead = [ft for st, ft in accepted if st <= r["start_s"]]
-            actual = max(ahead) - at if ahead else None
+            ahead = [(ft, end) for st, ft, end in accepted if st <= r["start_s"]]
+            actual = None
+            if ahead:
+                turn = max(ft for ft, _ in ahead)
+                if len(ahead) >= seats:
+                    turn = max(turn, sorted(end for _, end in ahead)[len(ahead) - seats])
+                actual = turn - at
             r["queue_actual_s"] = None if actual is None else round(actual, 4)
             if actual and actual > 0:
                 ratios.append(r["retry_after_ms"] / 1000 / actual)
         ratios.sort()
         within2 = sum(1 for x in ratios if 0.5 <= x <= 2.0)
         q = lambda v, f: v[min(len(v) - 1, int(f * len(v)))] if v else None   # noqa: E731
-        return {"requests": n, "deadline_s": self.args.hang_s, "ended": {e: ended.count(e) for e in sorted(set(ended))},
+        refusals = sorted(r["after_s"] for r in recs if r["outcome"] == "RESOURCE_EXHAUSTED")
+        return {"requests": n, "deadline_s": deadline_s, "ended": {e: ended.count(e) for e in sorted(set(ended))},
+                "refused_by": {k: sum(1 for r in recs if r.get("refused_by") == k)
+                               for k in sorted({r["refused_by"] for r in recs if "refused_by" in r})},
+                "refusal_s": _spread(refusals), "floor_refusal_s": floor,
                 **{k: {"count": len(v), "max_s": max(v), "median_s": sorted(v)[len(v) // 2]} for k, v in by.items()},
                 "goal_missed": len(missed), "goal_missed_outcomes": {k: sum(1 for r in missed if r["outcome"] == k)
                                                                      for k in sorted({r["outcome"] for r in missed})},
@@ -458,6 +480,32 @@ class Chaos:
                                           "ratio_p10": q(ratios, 0.1), "ratio_p50": q(ratios, 0.5),
                                           "ratio_p90": q(ratios, 0.9)},
                 "per_request": recs}
+
+    def _seats(self) -> int:
+        """Batch seats across the stack's replicas (engine max_num_seqs x workers)."""
+        cfg = json.loads((self.up.workdir / "stack-config.json").read_text())
+        return int(cfg["engine"]["max_num_seqs"]) * int(cfg["workers"])
+
+    async def _refusal_floor(self, n: int, deadline_s: float) -> dict:
+        """The burst's n calls at once against a server that refuses each at once: seconds to the refusal."""
+        import grpc
+
+        from bench.grpc_floor import floor_server
+        from protos.switchyard.v1 import inference_pb2_grpc
+        with tempfile.TemporaryDirectory(prefix="sy-floor-") as logs, floor_server(Path(logs), refuse=True) as addr:
+            async with grpc.aio.insecure_channel(addr) as ch:
+                floor_stub = inference_pb2_grpc.InferenceStub(ch)
+                await ch.channel_ready()
+
+                async def one(i: int) -> float:
+                    t = time.monotonic()
+                    try:
+                        async for _ in floor_stub.Generate(_gen(self.args.model, f"floor {i}", 1), timeout=deadline_s):
+                            pass
+                    except grpc.aio.AioRpcError:
+                        pass
+                    return time.monotonic() - t
+                return _spread(sorted(await asyncio.gather(*(one(i) for i in range(n)))))
 
     async def cancels(self, stub) -> dict:
         """Requests cancelled mid-stream (after their first chunk), `--cancels` of them, 16 at a time;
@@ -639,6 +687,21 @@ def _fmt(x, spec=".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _refused_by(details: str) -> str:
+    """Which decision refused a burst request, from its message: the router's gate names every replica;
+    the batcher refuses on arrival, or later while the request waits (re-predicted)."""
+    if "on every replica" in details:
+        return "router_gate"
+    return "batcher_requeued" if "now exceeds its deadline" in details else "batcher_arrival"
+
+
+def _spread(sorted_s: list[float]) -> dict:
+    if not sorted_s:
+        return {"count": 0}
+    q = lambda f: round(sorted_s[min(len(sorted_s) - 1, int(f * len(sorted_s)))], 4)   # noqa: E731
+    return {"count": len(sorted_s), "p50": q(0.5), "p90": q(0.9), "max": round(sorted_s[-1], 4)}
+
+
 def print_row(r: dict) -> None:
     failed = ",".join(f"{k}={v}" for k, v in sorted(r["failed"].items())) or "0"
     at = r["in_flight_at_fault"]
@@ -668,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle-s", type=float, default=2.0, help="steady load before the first and between faults")
     ap.add_argument("--huge-mb", type=int, default=60)
     ap.add_argument("--burst-factor", type=int, default=10)
+    ap.add_argument("--burst-deadline-s", type=float, default=0.0, help="the burst's deadlines (default --hang-s)")
     ap.add_argument("--cancels", type=int, default=1000)
     ap.add_argument("--soak", type=float, default=0.0, metavar="MINUTES", help="then moderate load this long; RSS")
     ap.add_argument("--sample-s", type=float, default=30.0, help="--soak: seconds between RSS samples")
