@@ -445,11 +445,11 @@ class Chaos:
         # The goal: a first token within the deadline, or a refusal within 100 ms.
         missed = [r for r in recs if r["outcome"] != "first_token" and r["after_s"] > 0.1]
         # When a refused request, had it waited, would have had its turn: the requests accepted before it
-        # all got their first token, and (more of them than the replicas have seats) enough of them ended
-        # to free a seat for it.
+        # all got their first token, and (more of them than the seats the steady streams leave) enough
+        # of them ended to free a seat for it.
         accepted = [(r["start_s"], r["start_s"] + r["after_s"], r["end_s"]) for r in recs
                     if r["outcome"] == "first_token"]
-        seats = self._seats()
+        seats = max(1, self._seats() - self.args.streams)   # the steady streams hold theirs throughout
         ratios = []
         for r in recs:
             if r["retry_after_ms"] is None or r["outcome"] != "RESOURCE_EXHAUSTED":
