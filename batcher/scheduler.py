@@ -245,11 +245,10 @@ class Scheduler:
     def hopeless_waiting(self) -> list[tuple[Request, int]]:
         """Interactive requests still waiting whose first token, predicted again from where they stand in
         the queue and the rates measured since they arrived, comes after their deadline: (request,
-        retry-after ms) for the caller to refuse
-        (RESOURCE_EXHAUSTED) and abort. A refusal now beats a silent wait that ends in DEADLINE_EXCEEDED:
-        the client can go elsewhere while it still has time. At most every `HOPELESS_EVERY_S`; the
-        queue is walked in priority-then-arrival order (the fair share across tenants may admit a
-        little differently)."""
+        retry-after ms) for the caller to refuse (RESOURCE_EXHAUSTED) and abort. A refusal now beats a
+        silent wait that ends in DEADLINE_EXCEEDED: the client can go elsewhere while it still has time.
+        At most every `HOPELESS_EVERY_S`; the queue is walked in priority-then-arrival order (the fair
+        share across tenants may admit a little differently)."""
         now = self.wall_clock()
         if now < self._hopeless_next or not self._waiting_count[0]:
             return []

@@ -285,9 +285,10 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         return min(self.cfg.nats_max_payload, server) if server > 0 else self.cfg.nats_max_payload
 
     async def _encode(self, model: str, prompt: str, messages: list[dict]) -> tuple[list[int], object]:
-        """(token ids, tokenizer). A prompt of up to TOKENIZE_INLINE_CHARS is encoded here (~0.25 ms at
-        most, less than the ~0.2 ms a thread hop costs plus its wake-up: in a burst the hop was most of
-        the router's time per request); longer ones and chat templates run in a thread, not on the loop."""
+        """(token ids, tokenizer). A plain prompt of up to TOKENIZE_INLINE_CHARS is encoded here: at most
+        ~0.25 ms, about what the thread hop alone costs (0.16-0.2 ms round trip, measured), which in a
+        burst was most of the router's own work per request. Longer prompts and chat templates run in
+        a thread, not on the loop."""
         tok = await self.tokenizer(model)
         if not messages and len(prompt) <= TOKENIZE_INLINE_CHARS:
             return list(tok.encode(prompt)), tok
