@@ -215,12 +215,18 @@ def test_batch_is_not_refused_by_prediction_and_does_not_fill_the_interactive_qu
 # ---- the goal: retry-after within 2x of the time the queue actually takes ---------------------------
 class TimedWorker:
     """A fake worker whose step takes 10 ms + 0.5 ms per prefill token and 1 ms per decode row, on
-    the fake clock; it samples token 7 when a chunk reaches the end of what it knows."""
+    the fake clock; it samples token 7 when a chunk reaches the end of what it knows, and records when
+    each request was first scheduled and got its first token."""
 
     def __init__(self, clock: Clock):
         self.clock = clock
         self.seqs: dict[str, list[int]] = {}
         self.admitted_at: dict[str, float] = {}
+        self.first_token: dict[str, float] = {}
+
+    def step_s(self, work: list[tuple[str, int]]) -> float:
+        """Seconds a step of these (request id, tokens) chunks takes."""
+        return 0.010 + sum(0.0005 * n if n > 1 else 0.001 for _, n in work)
 
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.finished_ids:
@@ -230,7 +236,7 @@ class TimedWorker:
             self.admitted_at.setdefault(nr.request_id, self.clock.t)
         work = [(nr.request_id, nr.num_new_tokens) for nr in plan.new_requests]
         work += [(rr.request_id, rr.num_new_tokens) for rr in plan.running]
-        took = 0.010 + sum(0.0005 * n if n > 1 else 0.001 for _, n in work)
+        took = self.step_s(work)
         self.clock.t += took
         res = StepResult(step_id=plan.step_id, execute_ms=1000 * took)
         for rid, n in work:
@@ -240,6 +246,7 @@ class TimedWorker:
                 s[0] += 1
                 res.request_ids.append(rid)
                 res.token_ids.append(7)
+                self.first_token.setdefault(rid, self.clock.t)
         return res
 
 
@@ -284,33 +291,12 @@ def test_under_a_10x_burst_refusals_are_honest():
 # ---- issue 16: a cohort arriving at once on a CPU-like worker --------------------------------------
 class CpuLikeWorker(TimedWorker):
     """A step costs 5 ms + 6 ms per prefill token + 8 ms per decode row, as on a 2-core CPU where a
-    batch of 64 decode rows takes ~0.5 s and 4 rows ~40 ms; records each request's first token."""
+    batch of 64 decode rows takes ~0.5 s and 4 rows ~40 ms."""
 
-    def __init__(self, clock: Clock):
-        super().__init__(clock)
-        self.first_token: dict[str, float] = {}
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        for rid in plan.finished_ids:
-            self.seqs.pop(rid, None)
-        for nr in plan.new_requests:
-            self.seqs[nr.request_id] = [len(nr.token_ids), nr.num_computed_tokens]
-        work = [(nr.request_id, nr.num_new_tokens) for nr in plan.new_requests]
-        work += [(rr.request_id, rr.num_new_tokens) for rr in plan.running]
+    def step_s(self, work: list[tuple[str, int]]) -> float:
         prefill = sum(n for _, n in work if n > 1)
         rows = sum(1 for _, n in work if n == 1)
-        took = 0.005 + 0.006 * prefill + 0.008 * rows
-        self.clock.t += took
-        res = StepResult(step_id=plan.step_id, execute_ms=1000 * took)
-        for rid, n in work:
-            q = self.seqs[rid]
-            q[1] += n
-            if q[1] == q[0]:
-                q[0] += 1
-                res.request_ids.append(rid)
-                res.token_ids.append(7)
-                self.first_token.setdefault(rid, self.clock.t)
-        return res
+        return 0.005 + 0.006 * prefill + 0.008 * rows
 
 
 def cohort_stack(delay_s: float):
