@@ -35,6 +35,16 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
     return p
 
 
+def save_outputs(rep: dict, json_path: str | None, plot_dir: str | None = None, plot=None) -> None:
+    """A benchmark's report to `json_path` and `plot(rep, plot_dir)`'s figures to `plot_dir` (each only
+    when given), saying where they went."""
+    if json_path:
+        write_json(json_path, rep)
+        print(f"wrote {json_path}")
+    if plot_dir and plot is not None:
+        print("plots: " + ", ".join(str(p) for p in plot(rep, plot_dir)))
+
+
 def clean_json(x):
     if isinstance(x, float):
         return x if math.isfinite(x) else None

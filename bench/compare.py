@@ -20,7 +20,7 @@ import asyncio
 import sys
 
 from bench import loadgen, serve
-from bench.common import machine_info, write_json
+from bench.common import machine_info, save_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,11 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rep = run(args)
     print_report(rep)
-    if args.json_path:
-        write_json(args.json_path, rep)
-        print(f"wrote {args.json_path}")
-    if args.plot_dir:
-        print("plots: " + ", ".join(str(p) for p in plots(rep, args.plot_dir)))
+    save_outputs(rep, args.json_path, args.plot_dir, plots)
     return 0
 
 

@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 
 from bench import loadgen, metrics, workloads
-from bench.common import machine_info, write_json
+from bench.common import machine_info, save_outputs
 
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "examples" / "profiles.toml"
 CLASSES = ("interactive", "batch")
@@ -276,9 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if "profiles" in out and "shared" in out:
         out["ratios"] = ratios(out["profiles"], out["shared"])
     print_report(out)
-    if args.json_path:
-        write_json(args.json_path, out)
-        print(f"wrote {args.json_path}")
+    save_outputs(out, args.json_path)
     return 0
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 from bench import loadgen, metrics, workloads
-from bench.common import machine_info, write_json
+from bench.common import machine_info, save_outputs
 
 SUMMARY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -352,6 +352,11 @@ def run(args) -> dict:
     return rep
 
 
+def _serve_plots(rep: dict, out_dir: str) -> list:
+    from bench import plots  # matplotlib only when plots are asked for
+    return plots.serve_plots(rep, out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -362,13 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = run(args)
     for r in rep.get("runs", [rep]):
         print_summary(r)
-    if args.json_path:
-        write_json(args.json_path, rep)
-        print(f"wrote {args.json_path}")
-    if args.plot_dir:
-        from bench import plots
-        paths = plots.serve_plots(rep, args.plot_dir)
-        print("plots: " + ", ".join(str(p) for p in paths))
+    save_outputs(rep, args.json_path, args.plot_dir, _serve_plots)
     return 0
 
 

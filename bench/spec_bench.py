@@ -66,7 +66,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from bench import loadgen, metrics, serve, workloads
-from bench.common import machine_info, write_json
+from bench.common import machine_info, save_outputs
 
 WORKLOADS = ("copy-heavy", "shared-prefix", "chat")
 LOADS = ("low", "saturation")
@@ -551,11 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rep = run(args)
     print_report(rep)
-    if args.json_path:
-        write_json(args.json_path, rep)
-        print(f"wrote {args.json_path}")
-    if args.plot_dir:
-        print("plots: " + ", ".join(str(p) for p in plot(rep, args.plot_dir)))
+    save_outputs(rep, args.json_path, args.plot_dir, plot)
     failed = [k for k, g in rep["eval_guard"].items() if g["verdict"].startswith("FAIL")]
     if failed:
         print(f"eval guard failed: {', '.join(failed)}", file=sys.stderr)
