@@ -6,12 +6,11 @@ max_tokens), through chunked prefill and preemption, and every block back at the
 """
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
 from batcher.engine import Engine
 from batcher.step_timing import StepTimer
+from tests.pipelined import drive
 from workers.engine import EngineConfig, SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,",
@@ -38,16 +37,9 @@ def run(eng: Engine, depth: int, sps: list[SamplingParams] | None = None) -> lis
     toks = {r: [] for r in ids}
     text = {r: "" for r in ids}
     reason = {}
-    queued: deque = deque()
     core = eng.core
-    while core.has_unfinished() or queued:
-        while len(queued) < depth and core.has_unfinished():
-            plan = core.schedule()
-            if plan.is_empty and not plan.finished_ids:
-                break
-            queued.append(plan)
-        assert queued, "work left but nothing schedulable"
-        for o in core.process(eng.runner.execute(queued.popleft())):
+    for step in drive(core, eng.runner.execute, depth):
+        for o in step:
             toks[o.request_id] += o.new_token_ids
             text[o.request_id] += o.new_text
             if o.finished:

@@ -8,8 +8,6 @@ way the real one does: the longest matching prefix of the drafts, plus the true 
 """
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import pytest
 
@@ -19,6 +17,7 @@ from batcher.request import Request
 from batcher.scheduler import Scheduler
 from batcher.spec_policy import PROBE_INTERVAL, SpecPolicy, best_k
 from kv_manager.block_allocator import BlockAllocator
+from tests.pipelined import drive
 from workers.engine.plan import StepPlan, StepResult
 from workers.engine.sampling_params import SamplingParams
 
@@ -128,18 +127,9 @@ def run_all(core, depth=1, max_steps=5000, check_tables=True):
     finish reason, finishing output). With depth 1, checks after every step that worker and
     scheduler agree on every running request's block table."""
     outs: dict[str, list] = {}
-    queued: deque = deque()
     worker = core.runner
-    for _ in range(max_steps):
-        if not core.has_unfinished() and not queued:
-            break
-        while len(queued) < depth and core.has_unfinished():
-            plan = core.schedule()
-            if plan.is_empty and not plan.finished_ids:
-                break
-            queued.append(plan)
-        assert queued, "work left but nothing schedulable"
-        for o in core.process(worker.execute(queued.popleft())):
+    for step in drive(core, worker.execute, depth, max_steps=max_steps):
+        for o in step:
             t = outs.setdefault(o.request_id, [[], "", None, None])
             t[0] += o.new_token_ids
             t[1] += o.new_text
@@ -362,19 +352,16 @@ def test_pipelined_planning_skips_a_speculating_request_until_its_result_lands()
     core.add_request("a", [11, 12, 13, 14, 15], SamplingParams(max_tokens=40, ignore_eos=True))
     core.add_request("b", [21, 22, 23], SamplingParams(max_tokens=40, ignore_eos=True, repetition_penalty=1.1))
     worker = core.runner
-    queued: deque = deque()
     seen_a_in_flight = 0
-    while core.has_unfinished() or queued:
-        while len(queued) < 2 and core.has_unfinished():
-            plan = core.schedule()
-            if plan.is_empty and not plan.finished_ids:
-                break
-            ids = [r.request_id for r in plan.running] + [r.request_id for r in plan.new_requests]
-            in_flight = {r.request_id for p in queued for r in p.running if r.num_spec_tokens}
-            assert not (in_flight & set(ids)), "a speculating request planned again before its result"
-            seen_a_in_flight += bool(in_flight)
-            queued.append(plan)
-        core.process(worker.execute(queued.popleft()))
+
+    def check(plan, queued):
+        nonlocal seen_a_in_flight
+        ids = [r.request_id for r in plan.running] + [r.request_id for r in plan.new_requests]
+        in_flight = {r.request_id for p in queued for r in p.running if r.num_spec_tokens}
+        assert not (in_flight & set(ids)), "a speculating request planned again before its result"
+        seen_a_in_flight += bool(in_flight)
+    for _ in drive(core, worker.execute, 2, on_plan=check):
+        pass
     assert seen_a_in_flight > 0                # "b" (penalties: never speculates) kept the pipeline going
     assert any(r.request_id == "a" and r.num_spec_tokens for p in worker.plans for r in p.running)
     assert_all_blocks_back(alloc)
