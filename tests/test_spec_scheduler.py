@@ -267,17 +267,20 @@ def test_penalties_never_speculate():
 
 # ---- stops inside a step's tokens, caps ------------------------------------------------------
 
-def test_stop_token_in_the_middle_of_accepted_tokens_discards_the_rest():
-    # truth copies 7 back: after the prompt the output repeats it, so every draft is accepted
+def copying_without_and_with_speculation(sp: SamplingParams):
+    """One request whose output copies its prompt (truth: 7 tokens back, so every prompt-lookup draft
+    is accepted), run without speculation and with k=6: (its result off, its result on, allocator)."""
     prompt = [11, 12, 13, 14, 15, 16, 17]
     truth = lambda toks, np_: toks[len(toks) - 7]   # noqa: E731
-    sp = SamplingParams(max_tokens=30, stop_token_ids=[14])
     ref, _ = make_core("off", worker=FakeWorker(truth))
     ref.add_request("a", prompt, sp)
-    want = run_all(ref)["a"]
     core, alloc = make_core("prompt_lookup", k=6, worker=FakeWorker(truth))
     core.add_request("a", prompt, sp)
-    got = run_all(core)["a"]
+    return run_all(ref)["a"], run_all(core)["a"], alloc
+
+
+def test_stop_token_in_the_middle_of_accepted_tokens_discards_the_rest():
+    want, got, alloc = copying_without_and_with_speculation(SamplingParams(max_tokens=30, stop_token_ids=[14]))
     assert got[0] == want[0] == [11, 12, 13, 14] and got[2] == "stop"
     # the verification row emitted more than it kept: its stop was inside
     sched_out = got[3]
@@ -286,15 +289,7 @@ def test_stop_token_in_the_middle_of_accepted_tokens_discards_the_rest():
 
 
 def test_stop_string_inside_accepted_tokens():
-    prompt = [11, 12, 13, 14, 15, 16, 17]
-    truth = lambda toks, np_: toks[len(toks) - 7]   # noqa: E731
-    sp = SamplingParams(max_tokens=30, stop=["<13><14>"])
-    ref, _ = make_core("off", worker=FakeWorker(truth))
-    ref.add_request("a", prompt, sp)
-    want = run_all(ref)["a"]
-    core, _ = make_core("prompt_lookup", k=6, worker=FakeWorker(truth))
-    core.add_request("a", prompt, sp)
-    got = run_all(core)["a"]
+    want, got, _ = copying_without_and_with_speculation(SamplingParams(max_tokens=30, stop=["<13><14>"]))
     assert got[:3] == want[:3] and got[2] == "stop" and got[1] == "<11><12>"
 
 
