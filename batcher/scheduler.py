@@ -130,9 +130,8 @@ class Scheduler:
         self._vtc_floor = 0.0           # counter of the last tenant that went idle
         self._next_seq = 0
         self._step_id = 0
-        # step id -> (prefill tokens, decode rows, query tokens, prompt chunk tokens); verification
-        # slots count as prefill
-        self._step_work: dict[int, tuple[int, int, int, int]] = {}
+        # step id -> (prefill tokens, decode rows, prompt chunk tokens); verification slots count as prefill
+        self._step_work: dict[int, tuple[int, int, int]] = {}
         self._worker_forget: list[str] = []                  # ids the worker must drop next step
         self._preempted_now: set[str] = set()                # preempted while planning this step
         self.num_preemptions = 0
@@ -672,7 +671,7 @@ class Scheduler:
                 r.sent_to_worker = True
         if scheduled:
             work = self._step_work
-            work[self._step_id] = (prefill, decode_rows, prefill + decode_rows, chunk_tokens)
+            work[self._step_id] = (prefill, decode_rows, chunk_tokens)
             if len(work) > _STEPS_REMEMBERED:   # a plan whose result never came (worker lost)
                 del work[next(iter(work))]
         return plan
@@ -682,12 +681,13 @@ class Scheduler:
         the speculation policy the step cost (`draft_s` of it the worker's drafter, over `drafted`)."""
         work = self._step_work.pop(step_id, None)
         if work is not None:
-            self.predictor.observe_step(work[0], work[1], execute_s)
+            prefill, decode_rows, chunk_tokens = work
+            self.predictor.observe_step(prefill, decode_rows, execute_s)
             # The policy prices draft slots from steps of decodes and verifications only: a prompt
             # chunk's tokens are far cheaper each (large matmuls; on CPU the float32 path instead of
             # the few-row block kernels), and fitting them in would underprice a draft slot.
-            if self.spec is not None and not work[3]:
-                self.spec.observe_step(work[2], 1000 * execute_s, 1000 * draft_s, drafted)
+            if self.spec is not None and not chunk_tokens:   # then every prefill token is a draft slot
+                self.spec.observe_step(prefill + decode_rows, 1000 * execute_s, 1000 * draft_s, drafted)
 
     # ---- after the worker ran the plan ------------------------------------------------------
     def update(self, request_ids: list[str], token_ids: list[int], logprobs: list[float] | None,
