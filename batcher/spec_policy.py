@@ -49,9 +49,8 @@ above; a request not speculating stays pipelined and is re-checked (skipped once
 state, where drafts can be looked up and an off request is probed) after RECHECK_INTERVAL steps,
 doubling with each check that did not speculate (up to 16x), and never while the batch is
 compute-bound, so a request with nothing to copy loses under 1% of its steps once backed off. With one
-request alone
-nothing is in flight at planning time, so nothing is lost (lockstep); the CPU in-process engine does
-not pipeline at all.
+request alone nothing is in flight at planning time, so nothing is lost (lockstep); the CPU in-process
+engine does not pipeline at all.
 """
 from __future__ import annotations
 
