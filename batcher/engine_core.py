@@ -155,12 +155,7 @@ class EngineCore:
             if req.times.first_token is None:
                 req.times.first_token = now
             detok = self._detok[req.request_id]
-            if len(toks) == 1:
-                tok = toks[0]
-                text, stop_hit = detok.add_token(tok)
-                status = self._finish_status(req, tok, stop_hit)
-            else:
-                text, toks, status, stop_hit = self._add_tokens(req, detok, toks)
+            text, toks, status, stop_hit = self._add_tokens(req, detok, toks)
             self.generation_tokens_total += len(toks)
             if status is not None:
                 if not stop_hit:
@@ -173,8 +168,8 @@ class EngineCore:
 
     def _add_tokens(self, req: Request, detok: IncrementalDetokenizer,
                     toks: list[int]) -> tuple[str, list[int], RequestStatus | None, bool]:
-        """Several tokens of one step (speculation), in order; at a stop the rest are dropped from the
-        request's output. Returns (text, the tokens kept, finish status, stop string hit)."""
+        """A step's tokens for one request (several with speculation), in order; at a stop the rest are
+        dropped from the request's output. Returns (text, the tokens kept, finish status, stop string hit)."""
         out = req.output_token_ids
         base = len(out) - len(toks)     # update() appended them all already
         text = ""
@@ -215,9 +210,8 @@ class EngineCore:
         self._inflight = nxt
         return self.process(result)
 
-    def _finish_status(self, req: Request, tok: int, stop_hit: bool,
-                       num_output: int | None = None) -> RequestStatus | None:
-        """num_output: the output's length up to tok (default: all of it)."""
+    def _finish_status(self, req: Request, tok: int, stop_hit: bool, num_output: int) -> RequestStatus | None:
+        """num_output: the output's length up to and including tok."""
         sp = req.sampling
         if stop_hit:
             return RequestStatus.FINISHED_STOPPED
@@ -225,8 +219,7 @@ class EngineCore:
             return RequestStatus.FINISHED_STOPPED
         if tok in sp.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        n_out = len(req.output_token_ids) if num_output is None else num_output
-        if n_out >= sp.max_tokens or req.num_prompt_tokens + n_out >= self.scheduler.max_model_len:
+        if num_output >= sp.max_tokens or req.num_prompt_tokens + num_output >= self.scheduler.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
