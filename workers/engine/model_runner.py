@@ -146,10 +146,14 @@ class ModelRunner:
         if self._last is not None:
             self._last.result()
         for st in self.seqs.values():
-            self.inputs.release(st.row)
-            if self.drafter is not None:
-                self.drafter.forget(st)
+            self._release(st)
         self.seqs.clear()
+
+    def _release(self, st: SeqSlot) -> None:
+        """A request's row (and its draft model's state) back for reuse."""
+        self.inputs.release(st.row)
+        if self.drafter is not None:
+            self.drafter.forget(st)
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> "InFlightStep":
@@ -160,9 +164,7 @@ class ModelRunner:
         for rid in plan.finished_ids:
             st = self.seqs.pop(rid, None)
             if st is not None:
-                self.inputs.release(st.row)
-                if self.drafter is not None:
-                    self.drafter.forget(st)
+                self._release(st)
         work: list[tuple[str, SeqSlot, int]] = []
         for nr in plan.new_requests:
             row = self.inputs.seat(nr.block_ids, nr.sampling, nr.seed)
