@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workers.engine.sampler import SamplingTensors, apply_truncation, uniforms
+from workers.engine.sampler import SamplingTensors, apply_truncation, temperature_scaled, token_logprobs, uniforms
 
 __all__ = ["VerifyOutput", "verify_drafts", "verify_logits"]
 
@@ -131,14 +131,10 @@ def verify_logits(logits: Tensor, t: SamplingTensors, draft_ids: Tensor, draft_l
     probs = torch.zeros_like(logits).scatter_(1, greedy_ids[:, None], 1.0)
     scaled = logits
     if not t.all_greedy:
-        temps = torch.where(is_greedy, torch.ones_like(t.temperatures), t.temperatures)
-        scaled = logits / temps[:, None]
+        is_greedy, scaled = temperature_scaled(logits, t)
         probs = torch.where(is_greedy[:, None], probs, apply_truncation(scaled, t).softmax(dim=-1))
     first = torch.arange(n, device=logits.device) * width
     out = verify_drafts(probs.view(n, width, vocab), draft_ids, draft_lens, greedy=is_greedy[first],
                         seeds=t.seeds[first], steps=t.steps[first])
-    logprobs = None
-    if t.want_logprobs:
-        logprobs = (scaled.log_softmax(dim=-1).view(n, width, vocab)
-                    .gather(2, out.tokens.clamp_min(0)[..., None]).squeeze(2))
-    return out, logprobs
+    logprobs = token_logprobs(scaled, out.tokens.clamp_min(0).reshape(-1), t)
+    return out, None if logprobs is None else logprobs.view(n, width)

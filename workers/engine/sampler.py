@@ -333,6 +333,20 @@ def _draw(x: Tensor, seeds: Tensor, steps: Tensor, ids: Tensor | None = None) ->
     return pos if ids is None else ids.gather(1, pos[:, None]).squeeze(1)
 
 
+def temperature_scaled(logits: Tensor, t: SamplingTensors) -> tuple[Tensor, Tensor]:
+    """(greedy rows [N] bool, logits / temperature; greedy rows stay at temperature 1)."""
+    is_greedy = t.temperatures == 0
+    temps = torch.where(is_greedy, torch.ones_like(t.temperatures), t.temperatures)
+    return is_greedy, logits / temps[:, None]
+
+
+def token_logprobs(x: Tensor, tokens: Tensor, t: SamplingTensors) -> Tensor | None:
+    """log_softmax(x) at each row's token ([N]; None when t wants no logprobs)."""
+    if not t.want_logprobs:
+        return None
+    return x.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
 class Sampler:
     """Samples one token per row from ``logits`` [N, V] float32."""
 
@@ -342,17 +356,15 @@ class Sampler:
 
         if t.all_greedy and no_penalties:
             tokens = logits.argmax(dim=-1)
-            return SamplerOutput(tokens, self._logprobs(logits, tokens, t))
+            return SamplerOutput(tokens, token_logprobs(logits, tokens, t))
 
         logits = apply_penalties(logits, t)
         greedy_tokens = logits.argmax(dim=-1)
         if t.all_greedy:
-            return SamplerOutput(greedy_tokens, self._logprobs(logits, greedy_tokens, t))
+            return SamplerOutput(greedy_tokens, token_logprobs(logits, greedy_tokens, t))
 
         vocab = logits.shape[-1]
-        is_greedy = t.temperatures == 0
-        temps = torch.where(is_greedy, torch.ones_like(t.temperatures), t.temperatures)
-        scaled = logits / temps[:, None]            # greedy rows stay at temperature 1
+        is_greedy, scaled = temperature_scaled(logits, t)
         if t.candidates_only:
             # every sampled row has a top_k: draw over each row's top candidates only
             # (same token as the full-vocabulary draw)
@@ -366,10 +378,4 @@ class Sampler:
         else:
             sampled = _draw(apply_truncation(scaled, t), t.seeds, t.steps)
         tokens = torch.where(is_greedy, greedy_tokens, sampled)
-        return SamplerOutput(tokens, self._logprobs(scaled, tokens, t))
-
-    @staticmethod
-    def _logprobs(x: Tensor, tokens: Tensor, t: SamplingTensors) -> Tensor | None:
-        if not t.want_logprobs:
-            return None
-        return x.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return SamplerOutput(tokens, token_logprobs(scaled, tokens, t))
