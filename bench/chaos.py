@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import machine_info, write_json
+from bench.metrics import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = ("kill_worker", "kill_batcher", "kill_kv_manager", "kill_router", "kill_nats", "stop_worker",
@@ -465,10 +466,8 @@ class Chaos:
             r["queue_actual_s"] = None if actual is None else round(actual, 4)
             if actual and actual > 0:
                 ratios.append(r["retry_after_ms"] / 1000 / actual)
-        ratios.sort()
         within2 = sum(1 for x in ratios if 0.5 <= x <= 2.0)
-        q = lambda v, f: v[min(len(v) - 1, int(f * len(v)))] if v else None   # noqa: E731
-        refusals = sorted(r["after_s"] for r in recs if r["outcome"] == "RESOURCE_EXHAUSTED")
+        refusals = [r["after_s"] for r in recs if r["outcome"] == "RESOURCE_EXHAUSTED"]
         return {"requests": n, "deadline_s": deadline_s, "ended": {e: ended.count(e) for e in sorted(set(ended))},
                 "refused_by": {k: sum(1 for r in recs if r.get("refused_by") == k)
                                for k in sorted({r["refused_by"] for r in recs if "refused_by" in r})},
@@ -477,8 +476,8 @@ class Chaos:
                 "goal_missed": len(missed), "goal_missed_outcomes": {k: sum(1 for r in missed if r["outcome"] == k)
                                                                      for k in sorted({r["outcome"] for r in missed})},
                 "retry_after_vs_actual": {"refusals_compared": len(ratios), "within_2x": within2,
-                                          "ratio_p10": q(ratios, 0.1), "ratio_p50": q(ratios, 0.5),
-                                          "ratio_p90": q(ratios, 0.9)},
+                                          "ratio_p10": percentile(ratios, 10), "ratio_p50": percentile(ratios, 50),
+                                          "ratio_p90": percentile(ratios, 90)},
                 "per_request": recs}
 
     def _seats(self) -> int:
@@ -505,7 +504,7 @@ class Chaos:
                     except grpc.aio.AioRpcError:
                         pass
                     return time.monotonic() - t
-                return _spread(sorted(await asyncio.gather(*(one(i) for i in range(n)))))
+                return _spread(await asyncio.gather(*(one(i) for i in range(n))))
 
     async def cancels(self, stub) -> dict:
         """Requests cancelled mid-stream (after their first chunk), `--cancels` of them, 16 at a time;
@@ -695,11 +694,11 @@ def _refused_by(details: str) -> str:
     return "batcher_requeued" if "now exceeds its deadline" in details else "batcher_arrival"
 
 
-def _spread(sorted_s: list[float]) -> dict:
-    if not sorted_s:
+def _spread(xs: list[float]) -> dict:
+    if not xs:
         return {"count": 0}
-    q = lambda f: round(sorted_s[min(len(sorted_s) - 1, int(f * len(sorted_s)))], 4)   # noqa: E731
-    return {"count": len(sorted_s), "p50": q(0.5), "p90": q(0.9), "max": round(sorted_s[-1], 4)}
+    return {"count": len(xs), "p50": round(percentile(xs, 50), 4), "p90": round(percentile(xs, 90), 4),
+            "max": round(max(xs), 4)}
 
 
 def print_row(r: dict) -> None:
