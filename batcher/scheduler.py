@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from batcher.request import Request, RequestStatus
 from batcher.spec_policy import SpecCounters, SpecPolicy
 from batcher.step_timing import WaitPredictor
+from common.wait_limit import wait_limit
 from kv_manager.block_allocator import BlockAllocator
 from kv_manager.block_hash import block_hashes
 from workers.engine.errors import InvalidRequestError, QueueFullError
@@ -198,14 +199,9 @@ class Scheduler:
                 retry_after_ms=self._retry_after_ms(ahead, wait))
 
     def _wait_limit(self, req: Request) -> tuple[float, str]:
-        """(seconds, name) an interactive request may wait for its first token: its deadline or
-        `max_queue_delay_s`, the sooner (0: unbounded)."""
-        limit, what = self.max_queue_delay_s, "max_queue_delay_ms"
-        if req.deadline_unix_ms:
-            left = req.deadline_unix_ms / 1000 - self.wall_clock()
-            if not limit or left < limit:
-                limit, what = left, "its deadline"
-        return limit, what
+        """(seconds, name) an interactive request may wait for its first token (common/wait_limit.py)."""
+        left = req.deadline_unix_ms / 1000 - self.wall_clock() if req.deadline_unix_ms else None
+        return wait_limit(left, self.max_queue_delay_s)
 
     def forecast(self) -> tuple[list[int], list[float], int]:
         """What the router's admission gate needs (router/admission_gate.py, Heartbeat.forecast_*):

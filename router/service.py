@@ -27,6 +27,7 @@ from common import subjects
 from common.bus_codec import FINISH_FROM_PB
 from common.config import StackConfig
 from common.replicas import EXPIRE_EVERY_S
+from common.wait_limit import wait_limit
 from common.waiting import Pulse
 from kv_manager.block_hash import block_hashes
 from protos.switchyard.v1 import bus_pb2, common_pb2, inference_pb2, inference_pb2_grpc, kv_index_pb2, kv_index_pb2_grpc
@@ -209,10 +210,7 @@ class Router(inference_pb2_grpc.InferenceServicer, inference_pb2_grpc.AdminServi
         (router/admission_gate.py); else the ids of the replicas that could (None: no restriction)."""
         if self.tenancy.service_class(requested_class) != "interactive":
             return None   # batch work waits for idle capacity by design
-        limit, what = self.cfg.max_queue_delay_ms / 1000, "max_queue_delay_ms"
-        remaining = context.time_remaining()
-        if remaining is not None and (not limit or remaining < limit):
-            limit, what = remaining, "its deadline"
+        limit, what = wait_limit(context.time_remaining(), self.cfg.max_queue_delay_ms / 1000)
         if not limit or limit <= 0:
             return None
         views = self.table.routable(v.model)
