@@ -22,10 +22,8 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from batcher.step_timing import RETRY_MAX_S, RETRY_MIN_S  # the batcher's retry-after bounds
 from common.replicas import ReplicaView
-
-RETRY_MIN_MS = 50        # the batcher's retry-after bounds (batcher/step_timing.py RETRY_MIN_S / RETRY_MAX_S)
-RETRY_MAX_MS = 60_000
 
 
 @dataclass
@@ -82,7 +80,7 @@ def check(views: Iterable[ReplicaView], limit_s: float, what: str,
             best = wait
     if ok or not views:
         return ok, None
-    retry_ms = min(RETRY_MAX_MS, max(RETRY_MIN_MS, round(1000 * best))) if best is not None else 1000
+    retry_ms = round(1000 * min(RETRY_MAX_S, max(RETRY_MIN_S, best))) if best is not None else 1000
     if full == len(views):
         return [], Refusal(f"the waiting queue is full on every replica of model {model!r}; retry later", retry_ms)
     return [], Refusal(f"predicted wait for a first token {1000 * best:.0f} ms exceeds {what} "
