@@ -215,7 +215,7 @@ class Scheduler:
         room = max(0, self.max_waiting - (ahead - free))
         p = self.predictor
         budget = self.max_num_batched_tokens
-        if p.queue_wait_s(tokens_ahead=tokens_ahead, requests_ahead=ahead, free_seats=free, budget=budget) is None:
+        if not p.measured:
             return [], [], room
         last = FORECAST_ARRIVALS[-1]
         # arrival n needs the (ahead + n - free)-th seat opening: jumps after free - ahead + k * seats
@@ -245,7 +245,7 @@ class Scheduler:
         At most every `HOPELESS_EVERY_S`; the queue is walked in priority-then-arrival order (the fair
         share across tenants may admit a little differently)."""
         now = self.wall_clock()
-        if now < self._hopeless_next or not self._waiting_count[0]:
+        if now < self._hopeless_next or not self._waiting_count[0] or not self.predictor.measured:
             return []
         self._hopeless_next = now + HOPELESS_EVERY_S
         p = self.predictor
@@ -258,8 +258,6 @@ class Scheduler:
             if req.deadline_unix_ms:
                 wait = p.queue_wait_s(tokens_ahead=tokens_ahead, requests_ahead=ahead, free_seats=free,
                                       budget=budget)
-                if wait is None:
-                    return []
                 if wait + p.prefill_s(tokens, budget) > req.deadline_unix_ms / 1000 - now:
                     hopeless.append((req, self._retry_after_ms(ahead, wait)))
             tokens_ahead += tokens

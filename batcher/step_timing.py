@@ -221,6 +221,11 @@ class WaitPredictor:
         self._seated.clear()
         self._seated_changes += 1
 
+    @property
+    def measured(self) -> bool:
+        """Predictions are made (queue_wait_s is not None) once a prefill rate was measured."""
+        return self.prefill_tok_s is not None
+
     def drain_rate(self) -> float | None:
         """Waiting requests given a seat per second, lately."""
         return self._drained.rate(self.clock())
